@@ -1,0 +1,528 @@
+"""The `modelfix` command line: parse options, call the library, render results. No algorithms live here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, progress
+from .errors import ModelfixError
+
+app = typer.Typer(
+    name="modelfix",
+    help="Repair image classifiers that learned a spurious shortcut, and prove what changed.",
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+)
+data_app = typer.Typer(help="Built-in scenarios and data export.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (measured numbers go to docs/benchmarks.md).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"modelfix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """modelfix: repair image classifiers that learned a spurious shortcut, and prove what changed."""
+    _state["debug"] = debug
+    progress.ENABLED = not no_progress
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn a user-caused error into one line on stderr and its exit code; anything else into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except ModelfixError as exc:
+            if _state["debug"]:
+                raise
+            _fail(str(exc), exc.exit_code, kwargs.get("json_output", False))
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+        except Exception as exc:  # a bug, or something we did not foresee: still one line unless --debug
+            if _state["debug"]:
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1,
+                  kwargs.get("json_output", False))
+
+    return wrapper
+
+
+def _fail(message: str, code: int, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps({"error": {"message": message, "exit_code": code}}))
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+# ---- option types shared by several commands ---------------------------------------------------------------------
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Runtime")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for data generation, poisoning and training.", rich_help_panel="Runtime")]
+DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder with MNIST/raw/*.gz for the MNIST scenarios (default: $MODELFIX_DATA).", rich_help_panel="Data")]
+MasksOpt = Annotated[Optional[Path], typer.Option("--masks", help="Mask folder mirroring an image folder (1 = spurious).", rich_help_panel="Data")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unpickling a full pickled model. Only for files you trust.", rich_help_panel="Model")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a checkpoint without a model card (see `modelfix archs`).", rich_help_panel="Model")]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes (card-less checkpoints).", rich_help_panel="Model")]
+InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", help="Input channels (card-less checkpoints).", rich_help_panel="Model")]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="Input size HxW, e.g. 28x28 (card-less checkpoints).", rich_help_panel="Model")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, comma-separated (card-less checkpoints).", rich_help_panel="Model")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, comma-separated (card-less checkpoints).", rich_help_panel="Model")]
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ModelfixError(f"{option} must be comma-separated numbers, not '{text}'") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ModelfixError(f"--input-size must look like 28x28 or 224, not '{text}'")
+    return (sizes[0], sizes[-1])
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelfixError(f"--device {name} asked for, but CUDA is not available here", hint="use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelfixError("--device mps asked for, but MPS is not available here", hint="use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ModelfixError(f"--device must be auto, cpu, cuda, cuda:N or mps, not '{name}'")
+    return name
+
+
+def _load(path: Path, trust: bool, device: str, arch=None, num_classes=None, in_channels=None, input_size=None,
+          mean=None, std=None):
+    from .checkpoint import ModelOverrides, load_model
+
+    overrides = ModelOverrides(arch=arch, num_classes=num_classes, in_channels=in_channels, input_size=_size(input_size),
+                               mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+    return load_model(path, overrides, trust=trust, device=device)
+
+
+def _check_fits(data, card, spec: str) -> None:
+    """Refuse data the model cannot take, before any work is done."""
+    c, h, w = data.shape
+    want = (card.input.channels, card.input.height, card.input.width)
+    if (c, h, w) != want:
+        raise ModelfixError(
+            f"data '{spec}' has images {c}×{h}×{w} but the model expects {want[0]}×{want[1]}×{want[2]}",
+            hint="resize the images or pass the right --input-size/--in-channels for the checkpoint",
+        )
+    if len(data) and int(data.y.max()) >= card.num_classes:
+        raise ModelfixError(f"data '{spec}' has label {int(data.y.max())} but the model has {card.num_classes} classes")
+
+
+def _data(spec: str, data_root, seed, masks=None, class_names=None):
+    from .data import load_data
+
+    return load_data(spec, data_root=data_root, seed=seed, mask_dir=masks, class_names=class_names)
+
+
+def _data_info(spec: str, data) -> dict:
+    return {"spec": spec, "n": len(data), "classes": list(data.class_names), "checksum": data.checksum(),
+            "name": data.name, "info": {k: v for k, v in data.info.items() if isinstance(v, (str, int, float, bool))}}
+
+
+# ---- commands -----------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: modelfix train --arch mlp --data decoy-digits:train -o runs/shortcut.safetensors")
+@handles_errors
+def train(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the trained .safetensors.", rich_help_panel="Output")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (see `modelfix archs`).", rich_help_panel="Model")] = "mlp",
+    data: Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")] = "decoy-digits:train",
+    val: Annotated[Optional[str], typer.Option("--val", help="Validation data (reported per epoch; needed for --select best).", rich_help_panel="Data")] = None,
+    masks: MasksOpt = None,
+    data_root: DataRootOpt = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (with momentum), adam or adamw.", rich_help_panel="Training")] = "adam",
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel="Training")] = 1e-3,
+    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel="Training")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Training")] = 128,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel="Training")] = 0.0,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel="Training")] = 0.9,
+    loss: Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")] = "ce",
+    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.", rich_help_panel="Training")] = None,
+    select: Annotated[str, typer.Option("--select", help="final, or best (best validation accuracy).", rich_help_panel="Training")] = "final",
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Train a model from random initialisation (the one loop every fine-tune reuses)."""
+    from .card import InputSpec, ModelCard
+    from .checkpoint import save_model
+    from .training import TrainConfig, accuracy
+    from .training import train as run_training
+    from .zoo import build_model, default_input_spec
+
+    config = TrainConfig(optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+                         momentum=momentum, seed=seed, loss=loss, grad_clip=grad_clip, select=select)
+    if output.suffix != ".safetensors":
+        raise ModelfixError(f"-o {output}: the output must be a .safetensors file")
+    dev = _device(device)
+    base = default_input_spec(arch)
+    train_data = _data(data, data_root, seed, masks)
+    val_data = _data(val, data_root, seed) if val else None
+    c, h, w = train_data.shape
+    spec = InputSpec(channels=c, height=h, width=w,
+                     mean=_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
+                     std=_floats(std, "--std") or (base.std if len(base.std) in (1, c) else (base.std[0],)))
+    card = ModelCard(arch=arch, num_classes=train_data.num_classes, input=spec, class_names=list(train_data.class_names),
+                     artifact=train_data.info.get("artifact"),
+                     dataset={"spec": data, "checksum": train_data.checksum(), "n": len(train_data),
+                              "seed": seed, "scenario": train_data.info.get("scenario")},
+                     provenance={"source": "random initialisation"})
+    if val_data is not None:
+        _check_fits(val_data, card, val)
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(card).to(dev)
+    result = run_training(model, train_data, config, val=val_data)
+    summary = {
+        "output": str(output),
+        "arch": arch,
+        "epochs": config.epochs,
+        "final_loss": result.history[-1]["loss"],
+        "train_accuracy": accuracy(model, train_data),
+        "val_accuracy": result.history[-1].get("val_accuracy"),
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+    }
+    card = card.with_history({"command": "train", "method": "erm", "config": config.to_dict(), "data": data,
+                              "val": val, "epochs": result.history, "seconds": result.seconds})
+    inputs = [Path(p) for p in (data, val, masks) if p]
+    save_model(model.cpu(), card, output, inputs=inputs)
+    if json_output:
+        print(json.dumps(summary))
+    else:
+        table = Table(title=f"trained {arch} on {data}", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        out.print(table)
+
+
+@app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels random")
+@handles_errors
+def evaluate(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="A folder, a bundle or SCENARIO[:SPLIT] (default: the test split of the scenario the model was trained on).", rich_help_panel="Data")] = None,
+    masks: MasksOpt = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", help="Artifact spec or YAML file (default: the one on the model card).", rich_help_panel="Poisoning")] = None,
+    poison: Annotated[str, typer.Option("--poison", help="Comma-separated poison levels in [0, 1].", rich_help_panel="Poisoning")] = "0,1",
+    labels: Annotated[str, typer.Option("--labels", help="random (artifact encodes a random label), correlated (the true label) or none.", rich_help_panel="Poisoning")] = "random",
+    data_root: DataRootOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 512,
+    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json and report.md into this folder.", rich_help_panel="Output")] = None,
+    trust_checkpoint: TrustOpt = False,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    in_channels: InChannelsOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Accuracy on clean and poisoned data: per class, per group, macro- and worst-group, and the drops."""
+    from .checkpoint import sha256_file
+    from .data import parse_artifact
+    from .evaluate import evaluate as run_evaluation
+    from .report import results_document, write_run
+
+    levels = _floats(poison, "--poison")
+    if not levels:
+        raise ModelfixError("--poison needs at least one level, e.g. 0,1")
+    bad = [level for level in levels if not 0.0 <= level <= 1.0]
+    if bad:
+        raise ModelfixError(f"--poison levels must lie in [0, 1], got {bad[0]:g}")
+    if batch_size < 1:
+        raise ModelfixError(f"--batch-size must be at least 1, not {batch_size}")
+    model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
+    spec = data or _default_test_split(card)
+    dataset = _data(spec, data_root, seed, masks, class_names=card.class_names)
+    _check_fits(dataset, card, spec)
+    artifact_spec = artifact or card.artifact
+    art = parse_artifact(artifact_spec) if artifact_spec else None
+    evaluation = run_evaluation(model, dataset, art, levels=levels, labels=labels, seed=seed, batch_size=batch_size)
+    results = results_document(
+        "evaluate",
+        {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
+        _data_info(spec, dataset),
+        evaluation,
+    )
+    if output_dir is not None:
+        write_run(output_dir, results)
+    if json_output:
+        from .report import json_safe
+
+        print(json.dumps(json_safe(results)))
+    else:
+        _print_levels(results)
+        if output_dir is not None:
+            err.print(f"wrote {output_dir / 'results.json'} and {output_dir / 'report.md'}")
+
+
+def _default_test_split(card) -> str:
+    scenario = (card.dataset or {}).get("scenario")
+    if not scenario:
+        raise ModelfixError("no --data given and the model card names no built-in scenario", hint="pass --data DIR")
+    return f"{scenario}:test"
+
+
+def _print_levels(results: dict) -> None:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}"
+
+    table = Table(title=f"{results['model']['path']} on {results['data']['spec']} "
+                        f"(artifact {results['settings']['artifact']}, labels {results['settings']['labels']})")
+    for col in ("poison", "accuracy %", "macro-group %", "worst-group %", "worst group"):
+        table.add_column(col, justify="right")
+    has_f1 = "f1" in results["levels"][0]
+    if has_f1:
+        table.add_column("F1 %", justify="right")
+    for row in results["levels"]:
+        cells = [f"{row['level']:g}", pct(row["accuracy"]), pct(row["macro_group_accuracy"]),
+                 pct(row["worst_group_accuracy"]), str(row["worst_group"])]
+        table.add_row(*cells + ([pct(row["f1"])] if has_f1 else []))
+    out.print(table)
+    for drop in results["drops"]:
+        out.print(f"drop {drop['from']:g} → {drop['to']:g}: accuracy {pct(drop['accuracy'])} points, "
+                  f"worst-group {pct(drop['worst_group_accuracy'])} points")
+
+
+@app.command("inspect")
+@handles_errors
+def inspect_cmd(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
+    trust_checkpoint: TrustOpt = False,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    in_channels: InChannelsOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Architecture, classes, input spec, layers with output shapes, repair history and patches."""
+    from .inspect_model import describe
+
+    model, card = _load(model_path, trust_checkpoint, "cpu", arch, num_classes, in_channels, input_size, mean, std)
+    info = describe(model, card)
+    if json_output:
+        print(json.dumps(info, default=str))
+        return
+    out.print(f"[bold]{model_path}[/bold]: {card.arch}, {card.num_classes} classes {card.class_names}")
+    out.print(f"input: {card.input.channels}×{card.input.height}×{card.input.width}, mean {card.input.mean}, "
+              f"std {card.input.std}, range {card.input.value_range}")
+    if card.artifact:
+        out.print(f"trained with artifact: {card.artifact}")
+    table = Table(title="layers (dry run)")
+    for col in ("name", "type", "output shape", "params", "calls"):
+        table.add_column(col)
+    for layer in info["layers"]:
+        table.add_row(layer["name"], layer["type"], str(layer.get("output_shape")), str(layer.get("params", "")),
+                      str(layer.get("calls", "")))
+    out.print(table)
+    for entry in card.history:
+        out.print(f"history: {entry.get('command')} {entry.get('method', '')} ({entry.get('timestamp', '')})")
+    for patch in card.patches:
+        out.print(f"patch: {patch}")
+
+
+@app.command()
+@handles_errors
+def archs(json_output: JsonOpt = False) -> None:
+    """List the architectures modelfix can build."""
+    from .zoo import ARCHITECTURES
+
+    rows = [{"name": name, "description": info.description, "source": info.source} for name, info in ARCHITECTURES.items()]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    table = Table(title="architectures")
+    for col in ("name", "description", "source"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["description"], row["source"])
+    out.print(table)
+
+
+@data_app.command("list")
+@handles_errors
+def data_list(json_output: JsonOpt = False) -> None:
+    """List the built-in scenarios and their splits."""
+    from .data import SCENARIOS
+
+    rows = [{"name": name, "description": s.description, "splits": list(s.splits), "artifact": s.artifact,
+             "needs_mnist": s.needs_mnist} for name, s in SCENARIOS.items()]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    table = Table(title="scenarios")
+    for col in ("name", "splits", "artifact", "needs MNIST", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], ", ".join(row["splits"]), str(row["artifact"]), "yes" if row["needs_mnist"] else "no",
+                      row["description"])
+    out.print(table)
+
+
+@data_app.command("make")
+@handles_errors
+def data_make(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario (see `modelfix data list`).")],
+    output_dir: Annotated[Path, typer.Option("-o", "--output", help="Folder to create; one sub-folder per split.")],
+    split: Annotated[Optional[list[str]], typer.Option("--split", help="Only these splits (repeatable).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="png or npy.")] = "png",
+    data_root: DataRootOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Export a scenario to the folder format (images/<class>/, masks/<class>/), so users see what to bring."""
+    import shutil
+    import tempfile
+
+    from .data import SCENARIOS, load_scenario, save_folder
+
+    if scenario not in SCENARIOS:
+        raise ModelfixError(f"unknown scenario '{scenario}' (scenarios: {', '.join(SCENARIOS)})")
+    if fmt not in ("png", "npy"):
+        raise ModelfixError(f"--format must be png or npy, not '{fmt}'")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ModelfixError(f"-o {output_dir} exists and is not empty", hint="choose a new folder")
+    splits = split or list(SCENARIOS[scenario].splits)
+    unknown = [s for s in splits if s not in SCENARIOS[scenario].splits]
+    if unknown:
+        raise ModelfixError(f"scenario {scenario} has no split '{unknown[0]}' (splits: {', '.join(SCENARIOS[scenario].splits)})")
+    # Build everything in a temporary sibling folder, then rename: an error leaves nothing behind.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        counts = {}
+        for name in splits:
+            dataset = load_scenario(scenario, name, data_root=data_root, seed=seed)
+            save_folder(dataset, staging / name, fmt=fmt)
+            counts[name] = len(dataset)
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for name, n in counts.items():
+        out.print(f"{output_dir / name}: {n} images")
+
+
+@bench_app.command("evaluate")
+@handles_errors
+def bench_evaluate(
+    arch: Annotated[str, typer.Option("--arch")] = "mlp",
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 20000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 512,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats; the median is reported.")] = 5,
+    levels: Annotated[str, typer.Option("--poison", help="Levels for the evaluate side (0 = same work as the bare loop).")] = "0",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: torch's choice).")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Evaluation throughput of `modelfix evaluate` against a bare torch loop over the same tensors."""
+    from .bench.evaluate import run
+
+    result = run(arch=arch, n=n, batch_size=batch_size, repeats=repeats, levels=_floats(levels, "--poison"), threads=threads)
+    if json_output:
+        print(json.dumps(result))
+        return
+    out.print(f"{result['arch']} on {result['n']} images {result['shape']}, batch {result['batch_size']}, "
+              f"{result['threads']} threads, median of {result['repeats']}:")
+    out.print(f"  bare torch loop : {result['bare_images_per_s']:.0f} images/s")
+    out.print(f"  modelfix evaluate: {result['ours_images_per_s']:.0f} images/s")
+    out.print(f"  ratio ours/bare : {result['ratio']:.3f}")
+
+
+@bench_app.command("shortcut")
+@handles_errors
+def bench_shortcut(
+    scenario: Annotated[str, typer.Option("--scenario")] = "decoy-mnist",
+    arch: Annotated[str, typer.Option("--arch")] = "mlp",
+    train_split: Annotated[str, typer.Option("--train-split")] = "train-full",
+    restarts: Annotated[int, typer.Option("--restarts")] = 4,
+    optimizer: Annotated[str, typer.Option("--optimizer")] = "adam",
+    lr: Annotated[float, typer.Option("--lr")] = 0.01,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
+    epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    data_root: DataRootOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """ERM restarts on a decoy scenario (defaults: R4's DecoyMNIST ERM settings); clean/contaminated/permuted."""
+    from .bench.shortcut import run
+    from .training import TrainConfig
+
+    if restarts < 1:
+        raise ModelfixError(f"--restarts must be at least 1, not {restarts}")
+    config = TrainConfig(optimizer=optimizer, lr=lr, batch_size=batch_size, epochs=epochs)
+    result = run(scenario, arch, train_split, restarts=restarts, config=config, data_root=data_root)
+    if json_output:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"ERM {arch} on {scenario}:{train_split} ({result['n_train']} images), {restarts} restarts, "
+                        f"{optimizer} lr {lr:g} batch {batch_size} × {epochs} epochs")
+    for col in ("test", "accuracy %", "macro-group %", "± (restarts)", "worst-group % (min of means)"):
+        table.add_column(col, justify="right")
+    for name, row in result["summary"].items():
+        table.add_row(name, f"{100 * row['accuracy']:.2f}", f"{100 * row['macro_group_accuracy']:.2f}",
+                      f"{100 * row['macro_std_over_restarts']:.2f}", f"{100 * row['worst_group_accuracy']:.2f}")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Built-in scenarios: datasets with a known spurious signal, generated deterministically from raw sources.
+
+- `decoy-digits`: the embedded default (scikit-learn's bundled digits, no file, no network) with DecoyMNIST's
+  label-coloured corner patch;
+- `decoy-mnist`: Ross et al.'s DecoyMNIST as used by TAP and R4, regenerated from the MNIST idx files;
+- `egem-mnist`: the EGEM paper's modified MNIST (3 pixels on 70 % of the training 8s).
+
+Every split is a pure function of (seed, scenario, split): each draws from its own generators, seeded from a
+hash of those three, so loading one split never changes another. Each records `info["checksum"]` of its arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import DataError
+from .artifacts import CornerPatch, FixedPixels
+from .dataset import Dataset
+from .poison import poison
+from .sources import read_idx
+
+DIGITS = [str(i) for i in range(10)]
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DECOY_SPLITS = ("train", "val", "train-full", "test-clean", "test-contaminated", "test-permuted")
+TEST_ALIAS = {"test": "test-clean"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named recipe: its splits (canonical names; `aliases` maps other accepted names onto them), the default
+    split, whether it needs the MNIST idx files, and the spec of its artifact."""
+
+    name: str
+    description: str
+    splits: tuple[str, ...]
+    default_split: str
+    needs_mnist: bool
+    artifact: str
+    build: Callable[[str, Path | None, int], Dataset] = field(repr=False, compare=False)
+    aliases: dict = field(default_factory=dict)
+
+    def resolve(self, split: str | None) -> str:
+        """The canonical split name for `split` (None = the default), or DataError listing the valid ones."""
+        if split is None:
+            return self.default_split
+        split = self.aliases.get(split, split)
+        if split not in self.splits:
+            names = list(self.splits) + [f"{a} (= {c})" for a, c in self.aliases.items()]
+            raise DataError(f"scenario {self.name} has no split '{split}' (splits: {', '.join(names)})")
+        return split
+
+
+def split_seed(seed: int, scenario: str, split: str) -> int:
+    """A 63-bit seed for one (seed, scenario, split), so every split has generators of its own."""
+    digest = hashlib.sha256(f"{int(seed)}|{scenario}|{split}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _finish(data: Dataset, scenario: str, split: str, seed: int, artifact: str) -> Dataset:
+    """Name the split and record where it came from, with the checksum of its arrays."""
+    info = dict(data.info)
+    info.update(source="scenario", scenario=scenario, split=split, seed=int(seed), artifact=artifact)
+    data = data.with_(name=f"{scenario}:{split}", info=info)
+    data.info["checksum"] = data.checksum()
+    return data
+
+
+# ---- MNIST -----------------------------------------------------------------------------------------------------
+
+
+def find_mnist(data_root=None, scenario: str = "decoy-mnist") -> Path:
+    """The folder holding the MNIST idx files: `data_root` (or $MODELFIX_DATA) itself, or its `MNIST/raw/`."""
+    root = data_root if data_root is not None else os.environ.get("MODELFIX_DATA")
+    looked = []
+    if root:
+        root = Path(root).expanduser()
+        for cand in (root / "MNIST" / "raw", root / "raw", root):
+            looked.append(str(cand))
+            if all(_idx_path(cand, name) is not None for pair in MNIST_FILES.values() for name in pair):
+                return cand
+    where = ", ".join(looked) if looked else "no --data-root given and MODELFIX_DATA is not set"
+    raise DataError(f"scenario {scenario} needs the MNIST idx files; pass --data-root DIR or set MODELFIX_DATA "
+                    f"(looked in: {where})",
+                    hint="DIR holds MNIST/raw/train-images-idx3-ubyte.gz and the 3 other files")
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for cand in (folder / f"{name}.gz", folder / name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_mnist_cached(folder: str, part: str, mtimes: tuple) -> tuple[np.ndarray, np.ndarray]:
+    images_name, labels_name = MNIST_FILES[part]
+    images_path, labels_path = _idx_path(Path(folder), images_name), _idx_path(Path(folder), labels_name)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"MNIST files in {folder} do not match: images {images.shape}, labels {labels.shape}")
+    if labels.max() > 9:
+        raise DataError(f"MNIST labels in {labels_path} go up to {labels.max()}; expected 0..9")
+    return images, labels
+
+
+def load_mnist(part: str, data_root=None, scenario: str = "decoy-mnist") -> Dataset:
+    """MNIST `train` (60k) or `test` (t10k, 10k) as x = bytes/255 (no standardisation), class names '0'..'9'."""
+    folder = find_mnist(data_root, scenario)
+    paths = [_idx_path(folder, name) for name in MNIST_FILES[part]]
+    images, labels = _read_mnist_cached(str(folder), part, tuple(p.stat().st_mtime for p in paths))
+    x = torch.from_numpy(images.astype(np.float32)[:, None] / np.float32(255))
+    return Dataset(x=x, y=torch.from_numpy(labels.astype(np.int64)), class_names=DIGITS, name=f"mnist-{part}",
+                   info={"index": torch.arange(len(labels))})
+
+
+def _holdout(n: int, n_val: int, seed: int, scenario: str) -> tuple[Tensor, Tensor]:
+    """A seeded split of range(n) into (train, val) index sets, each in ascending order."""
+    rng = np.random.default_rng(split_seed(seed, scenario, "partition"))
+    perm = rng.permutation(n)
+    return torch.from_numpy(np.sort(perm[n_val:])), torch.from_numpy(np.sort(perm[:n_val]))
+
+
+def _decoy(scenario: str, split: str, seed: int, base: Dataset) -> Dataset:
+    """One DecoyMNIST split from its artifact-free items `base`: the label-coloured corner patch on every
+    train/val image; clean, contaminated (true-label colour) and permuted (uniformly random colour, so 1 in 10
+    still matches) tests. Only the patch is pasted: digit pixels are never recoloured."""
+    artifact = CornerPatch()
+    s = split_seed(seed, scenario, split)
+    if split == "test-clean":
+        data = base
+    elif split == "test-permuted":
+        data = poison(base, artifact, 1.0, "random", seed=s)
+    else:  # train, val, train-full, test-contaminated
+        data = poison(base, artifact, 1.0, "correlated", seed=s)
+    return _finish(data, scenario, split, seed, str(artifact))
+
+
+def _build_decoy_mnist(split: str, data_root, seed: int) -> Dataset:
+    name = "decoy-mnist"
+    if split.startswith("test"):
+        base = load_mnist("test", data_root, name)
+    else:
+        base = load_mnist("train", data_root, name)
+        if split in ("train", "val"):
+            train_idx, val_idx = _holdout(len(base), 10_000, seed, name)
+            base = base.subset(train_idx if split == "train" else val_idx)
+    return _decoy(name, split, seed, base)
+
+
+def _build_egem_mnist(split: str, data_root, seed: int) -> Dataset:
+    """EGEM modified MNIST. `train`: FixedPixels (1,2),(2,1),(2,2) = 1.0 on 70 % of the training 8s. `clean`: the
+    training items without the artifact, our refinement pool (the paper used a VAE-selected pool of 39,942
+    samples whose indices we cannot ship). `test`: t10k, clean (evaluate poisons it)."""
+    name = "egem-mnist"
+    artifact = FixedPixels()
+    spec = str(artifact)
+    if split == "test":
+        return _finish(load_mnist("test", data_root, name), name, split, seed, spec)
+    train = poison(load_mnist("train", data_root, name), artifact, 0.7, "correlated",
+                   seed=split_seed(seed, name, "train"))
+    if split == "clean":
+        train = train.subset(~train.info["poisoned"])
+    return _finish(train, name, split, seed, spec)
+
+
+# ---- decoy digits (embedded default) ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_28() -> Dataset:
+    """scikit-learn's bundled 8×8 digits (values 0..16) ÷ 16, bilinearly upsampled to 28×28, clamped to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / np.float32(16))[:, None]
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
+    return Dataset(x=x, y=torch.from_numpy(bunch.target.astype(np.int64)), class_names=DIGITS, name="digits",
+                   info={"index": torch.arange(len(bunch.target))})
+
+
+def _stratified(y: np.ndarray, fractions: tuple[float, float, float], seed: int, scenario: str):
+    """Seeded per-class split into (train, val, test) index sets of the given fractions, each ascending."""
+    rng = np.random.default_rng(split_seed(seed, scenario, "partition"))
+    parts: list[list[int]] = [[], [], []]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val, n_test = round(fractions[1] * len(idx)), round(fractions[2] * len(idx))
+        n_train = len(idx) - n_val - n_test
+        parts[0] += idx[:n_train].tolist()
+        parts[1] += idx[n_train:n_train + n_val].tolist()
+        parts[2] += idx[n_train + n_val:].tolist()
+    return tuple(torch.tensor(sorted(p), dtype=torch.long) for p in parts)
+
+
+def _build_decoy_digits(split: str, data_root, seed: int) -> Dataset:
+    name = "decoy-digits"
+    digits = _digits_28()
+    train_idx, val_idx, test_idx = _stratified(digits.y.numpy(), (0.6, 0.1, 0.3), seed, name)
+    idx = {"train": train_idx, "val": val_idx, "train-full": torch.cat([train_idx, val_idx]).sort().values}
+    return _decoy(name, split, seed, digits.subset(idx.get(split, test_idx)))
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "decoy-digits": Scenario(
+        name="decoy-digits",
+        description="scikit-learn's bundled digits upsampled to 28×28 with DecoyMNIST's label-coloured corner "
+                    "patch; embedded, no download (train 60 %, val 10 %, test 30 %, stratified)",
+        splits=DECOY_SPLITS, default_split="train", needs_mnist=False, artifact=str(CornerPatch()),
+        build=_build_decoy_digits, aliases=dict(TEST_ALIAS)),
+    "decoy-mnist": Scenario(
+        name="decoy-mnist",
+        description="DecoyMNIST (Ross et al.; TAP, R4): 4×4 corner patch coloured 255−25·label; train 50k / val "
+                    "10k held out of MNIST train, train-full 60k (R4), clean/contaminated/permuted t10k tests",
+        splits=DECOY_SPLITS, default_split="train", needs_mnist=True, artifact=str(CornerPatch()),
+        build=_build_decoy_mnist, aliases=dict(TEST_ALIAS)),
+    "egem-mnist": Scenario(
+        name="egem-mnist",
+        description="EGEM modified MNIST: pixels (1,2),(2,1),(2,2) = 1 on 70 % of the training 8s; clean = the "
+                    "artifact-free training items (refinement pool); test = clean t10k",
+        splits=("train", "clean", "test"), default_split="train", needs_mnist=True, artifact=str(FixedPixels()),
+        build=_build_egem_mnist),
+}
+
+
+def load_scenario(name: str, split: str | None = None, data_root=None, seed: int = 0) -> Dataset:
+    """One split of a built-in scenario (default split: `train`), deterministic in (seed, name, split).
+
+    MNIST scenarios read the idx files from `data_root`, else $MODELFIX_DATA (a folder holding `MNIST/raw/` or
+    the .gz files themselves).
+    """
+    scenario = SCENARIOS.get(name)
+    if scenario is None:
+        raise DataError(f"unknown scenario '{name}' (scenarios: {', '.join(SCENARIOS)})")
+    split = scenario.resolve(split)
+    return scenario.build(split, data_root, int(seed))

@@ -1,0 +1,1 @@
+"""Repair methods and the patches some of them insert into a model."""

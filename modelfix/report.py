@@ -1,0 +1,111 @@
+"""`results.json` (versioned schema) and `report.md`, written atomically into a run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+SCHEMA = "modelfix.results/v1"
+
+
+def versions() -> dict[str, str]:
+    import zennit  # noqa: F401  (only for its version)
+    from importlib.metadata import version
+
+    return {"modelfix": __version__, "torch": torch.__version__, "zennit": version("zennit")}
+
+
+def results_document(command: str, model: dict, data: dict, evaluation: dict) -> dict:
+    """The results.json payload: what was run, on what, and every metric."""
+    return {
+        "schema": SCHEMA,
+        "command": command,
+        "model": model,
+        "data": data,
+        "settings": evaluation["settings"],
+        "levels": evaluation["levels"],
+        "drops": evaluation["drops"],
+        "definitions": evaluation["definitions"],
+        "timing_s": evaluation["seconds"],
+        "versions": versions(),
+        "error": None,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def render_markdown(results: dict) -> str:
+    """A report a reviewer can read: the model, the data, one row per poison level, groups and drops."""
+    model, data = results["model"], results["data"]
+    lines = [
+        f"# modelfix {results['command']}",
+        "",
+        f"- model: `{model.get('path')}` ({model.get('arch')}, {model.get('num_classes')} classes, sha256 `{str(model.get('sha256'))[:16]}`)",
+        f"- data: `{data.get('spec')}` ({data.get('n')} items, checksum `{data.get('checksum')}`)",
+        f"- artifact: `{results['settings']['artifact']}`, labels `{results['settings']['labels']}`, seed {results['settings']['seed']}",
+        "",
+        "| poison | poisoned items | accuracy | macro-group | worst-group (group) |" + (" F1 |" if "f1" in results["levels"][0] else ""),
+        "|---:|---:|---:|---:|---:|" + ("---:|" if "f1" in results["levels"][0] else ""),
+    ]
+    for row in results["levels"]:
+        f1 = f" {_pct(row['f1'])} |" if "f1" in row else ""
+        lines.append(
+            f"| {row['level']:g} | {row['n_poisoned']} | {_pct(row['accuracy'])} | {_pct(row['macro_group_accuracy'])} "
+            f"| {_pct(row['worst_group_accuracy'])} ({row['worst_group']}) |{f1}"
+        )
+    if results["drops"]:
+        lines += ["", "Drops (percentage points, first level minus each other level):", ""]
+        for drop in results["drops"]:
+            lines.append(
+                f"- {drop['from']:g} → {drop['to']:g}: accuracy {_pct(drop['accuracy'])}, "
+                f"macro-group {_pct(drop['macro_group_accuracy'])}, worst-group {_pct(drop['worst_group_accuracy'])}"
+            )
+    groups = list(results["levels"][0]["per_group"])
+    lines += ["", "Per-group accuracy (%):", "", "| group | " + " | ".join(f"poison {r['level']:g}" for r in results["levels"]) + " |"]
+    lines.append("|---|" + "---:|" * len(results["levels"]))
+    for g in groups:
+        lines.append(f"| {g} | " + " | ".join(_pct(r["per_group"].get(g)) for r in results["levels"]) + " |")
+    lines += ["", "Definitions: " + "; ".join(f"{k}: {v}" for k, v in results["definitions"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def json_safe(obj):
+    """NaN and infinities become null: results.json must be strict JSON for any consumer."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(out_dir: Path, results: dict) -> list[Path]:
+    """results.json and report.md into `out_dir`."""
+    out_dir = Path(out_dir)
+    json_path, md_path = out_dir / "results.json", out_dir / "report.md"
+    write_text_atomic(json_path, json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(md_path, render_markdown(results))
+    return [json_path, md_path]

@@ -1,0 +1,194 @@
+"""The one training loop: `train` from random init and every guided fine-tune run through here.
+
+A guided method is an *objective*: a callable `(model, batch) -> (loss, parts)` where `batch` is a dict of
+tensors (x, y, mask, has_mask, group) already on the model's device and `parts` names the loss terms for the log.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset
+from .errors import ModelfixError, TrainingFailed
+from .progress import progress_bar
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("ce", "bce")
+
+
+class Objective(Protocol):
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; stored in the card's history so the run can be repeated."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+    loss: str = "ce"
+    grad_clip: float | None = None
+    select: str = "final"  # "final" or "best" (best validation accuracy)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ModelfixError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not '{self.optimizer}'")
+        if self.loss not in LOSSES:
+            raise ModelfixError(f"--loss must be one of {', '.join(LOSSES)}, not '{self.loss}'")
+        if self.select not in ("final", "best"):
+            raise ModelfixError(f"--select must be 'final' or 'best', not '{self.select}'")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ModelfixError(f"--lr must be a positive number, not {self.lr}")
+        if self.epochs < 1:
+            raise ModelfixError(f"--epochs must be at least 1, not {self.epochs}")
+        if self.batch_size < 1:
+            raise ModelfixError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.weight_decay < 0:
+            raise ModelfixError(f"--weight-decay must be >= 0, not {self.weight_decay}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (the shuffling generator is seeded separately, per run)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def task_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Batch-mean task loss on logits: softmax cross-entropy, or BCE over one-hot targets (the EGEM paper)."""
+    if kind == "ce":
+        return F.cross_entropy
+
+    def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).to(logits.dtype))
+
+    return bce
+
+
+class TaskObjective:
+    """Plain empirical risk: the task loss and nothing else."""
+
+    def __init__(self, loss: str = "ce"):
+        self.loss_fn = task_loss(loss)
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.loss_fn(model(batch["x"]), batch["y"])
+        return loss, {"task": float(loss.detach())}
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    """Plain accuracy in eval mode; the model's train/eval state is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for batch in data.batches(batch_size):
+        correct += int((model(batch["x"].to(device)).argmax(1) == batch["y"].to(device)).sum())
+    model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    objective: Objective | None = None,
+    val: Dataset | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Fit `model` in place on `data` with `objective` (default: the task loss).
+
+    Stops with TrainingFailed on the first non-finite loss. With `select="best"` the weights of the epoch with the
+    best validation accuracy are restored at the end.
+    """
+    if len(data) == 0:
+        raise ModelfixError("the training data is empty")
+    if config.select == "best" and val is None:
+        raise ModelfixError("--select best needs validation data (--val)")
+    objective = objective or TaskObjective(config.loss)
+    seed_everything(config.seed)
+    shuffle_gen = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+
+    result = TrainResult()
+    best_acc, best_state = -1.0, None
+    last_finite = None
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    start = time.perf_counter()
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(description, total=config.epochs * steps_per_epoch)
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            sums: dict[str, float] = {}
+            seen = 0
+            for step, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=shuffle_gen), 1):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss, parts = objective(model, batch)
+                if not torch.isfinite(loss):
+                    where = f"epoch {epoch}, step {step}"
+                    last = f"{last_finite:.6g}" if last_finite is not None else "none"
+                    raise TrainingFailed(
+                        f"loss became {float(loss)} at {where} (last finite loss: {last})",
+                        hint="lower --lr or the penalty weight",
+                    )
+                last_finite = float(loss.detach())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                n = len(batch["y"])
+                seen += n
+                sums["loss"] = sums.get("loss", 0.0) + last_finite * n
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                bar.update(task, advance=1, description=f"{description} epoch {epoch}/{config.epochs} loss {last_finite:.4f}")
+            record = {"epoch": epoch, **{k: v / seen for k, v in sums.items()}}
+            if val is not None:
+                record["val_accuracy"] = accuracy(model, val)
+                if config.select == "best" and record["val_accuracy"] > best_acc:
+                    best_acc = record["val_accuracy"]
+                    best_state = copy.deepcopy(model.state_dict())
+                    result.best_epoch = epoch
+            result.history.append(record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result

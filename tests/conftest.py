@@ -1,0 +1,33 @@
+"""Shared fixtures: where the MNIST idx files are (tests that need them skip cleanly when they are absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def find_mnist_root() -> Path | None:
+    """$MODELFIX_DATA, else ../shared/data beside the clone, if it holds the four MNIST files (in MNIST/raw/ or
+    directly); None otherwise."""
+    candidates = []
+    if os.environ.get("MODELFIX_DATA"):
+        candidates.append(Path(os.environ["MODELFIX_DATA"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    for root in candidates:
+        for folder in (root / "MNIST" / "raw", root):
+            if all((folder / f"{n}.gz").is_file() or (folder / n).is_file() for n in MNIST_NAMES):
+                return root
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """A data root holding the MNIST idx files; skips the test when there is none."""
+    root = find_mnist_root()
+    if root is None:
+        pytest.skip("MNIST idx files not found (set MODELFIX_DATA to a folder holding MNIST/raw/*.gz)")
+    return root

@@ -248,7 +248,7 @@ def train(
         out.print(table)
 
 
-@app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels random")
+@app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels correlated,random")
 @handles_errors
 def evaluate(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
@@ -256,7 +256,7 @@ def evaluate(
     masks: MasksOpt = None,
     artifact: Annotated[Optional[str], typer.Option("--artifact", help="Artifact spec or YAML file (default: the one on the model card).", rich_help_panel="Poisoning")] = None,
     poison: Annotated[str, typer.Option("--poison", help="Comma-separated poison levels in [0, 1].", rich_help_panel="Poisoning")] = "0,1",
-    labels: Annotated[str, typer.Option("--labels", help="random (artifact encodes a random label), correlated (the true label) or none.", rich_help_panel="Poisoning")] = "random",
+    labels: Annotated[str, typer.Option("--labels", help="Comma-separated: random (the artifact encodes a random label), correlated (the true label), none (no label).", rich_help_panel="Poisoning")] = "random",
     data_root: DataRootOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 512,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json and report.md into this folder.", rich_help_panel="Output")] = None,
@@ -291,7 +291,8 @@ def evaluate(
     _check_fits(dataset, card, spec)
     artifact_spec = artifact or card.artifact
     art = parse_artifact(artifact_spec) if artifact_spec else None
-    evaluation = run_evaluation(model, dataset, art, levels=levels, labels=labels, seed=seed, batch_size=batch_size)
+    modes = tuple(part.strip() for part in labels.split(",") if part.strip())
+    evaluation = run_evaluation(model, dataset, art, levels=levels, labels=modes, seed=seed, batch_size=batch_size)
     results = results_document(
         "evaluate",
         {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
@@ -322,19 +323,19 @@ def _print_levels(results: dict) -> None:
         return "–" if v is None else f"{100 * v:.2f}"
 
     table = Table(title=f"{results['model']['path']} on {results['data']['spec']} "
-                        f"(artifact {results['settings']['artifact']}, labels {results['settings']['labels']})")
-    for col in ("poison", "accuracy %", "macro-group %", "worst-group %", "worst group"):
+                        f"(artifact {results['settings']['artifact']})")
+    for col in ("poison", "labels", "accuracy %", "macro-group %", "worst-group %", "worst group"):
         table.add_column(col, justify="right")
     has_f1 = "f1" in results["levels"][0]
     if has_f1:
         table.add_column("F1 %", justify="right")
     for row in results["levels"]:
-        cells = [f"{row['level']:g}", pct(row["accuracy"]), pct(row["macro_group_accuracy"]),
+        cells = [f"{row['level']:g}", row["labels"] or "–", pct(row["accuracy"]), pct(row["macro_group_accuracy"]),
                  pct(row["worst_group_accuracy"]), str(row["worst_group"])]
         table.add_row(*cells + ([pct(row["f1"])] if has_f1 else []))
     out.print(table)
     for drop in results["drops"]:
-        out.print(f"drop {drop['from']:g} → {drop['to']:g}: accuracy {pct(drop['accuracy'])} points, "
+        out.print(f"drop {drop['from']:g} → {drop['to']:g} ({drop['labels']}): accuracy {pct(drop['accuracy'])} points, "
                   f"worst-group {pct(drop['worst_group_accuracy'])} points")
 
 

@@ -72,19 +72,25 @@ def evaluate(
     data: Dataset,
     artifact: Artifact | None = None,
     levels: tuple[float, ...] = (0.0,),
-    labels: str = "random",
+    labels: str | tuple[str, ...] = "random",
     seed: int = 0,
     batch_size: int = 512,
     progress: bool = True,
 ) -> dict:
-    """Metrics at every poison level on the same seeded data, and the drops from the first level to the others.
+    """Metrics at every poison level (and, for levels above 0, every label mode) on the same seeded data, and
+    the drops from the first row to the others. With labels=("correlated", "random") a decoy model shows its
+    shortcut in one table: accuracy when the artifact encodes the true label against a random one.
 
     Only the items a level poisons are predicted again; the rest reuse the clean predictions.
     """
+    modes = (labels,) if isinstance(labels, str) else tuple(labels)
     if len(data) == 0:
         raise ModelfixError("the evaluation data is empty")
-    if labels not in LABEL_MODES:
-        raise ModelfixError(f"--labels must be one of {', '.join(LABEL_MODES)}, not '{labels}'")
+    for mode in modes:
+        if mode not in LABEL_MODES:
+            raise ModelfixError(f"--labels must be one of {', '.join(LABEL_MODES)}, not '{mode}'")
+    if not modes:
+        raise ModelfixError("--labels needs at least one mode")
     for level in levels:
         if not 0.0 <= level <= 1.0:
             raise ModelfixError(f"--poison levels must lie in [0, 1], got {level}")
@@ -93,24 +99,27 @@ def evaluate(
     start = time.perf_counter()
     rows = []
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("evaluate", total=len(levels))
+        runs = [(level, None) if level == 0 else (level, mode) for level in levels for mode in modes]
+        runs = list(dict.fromkeys(runs))  # level 0 once, whatever the modes
+        task = bar.add_task("evaluate", total=len(runs))
         clean_pred = predict(model, data.x, batch_size)
-        for level in levels:
-            bar.update(task, description=f"evaluate poison {level:g}")
+        for level, mode in runs:
+            bar.update(task, description=f"evaluate poison {level:g}" + (f" ({mode})" if mode else ""))
             if level == 0:
                 pred, n_poisoned = clean_pred, 0
             else:
-                poisoned = poison(data, artifact, level, labels=labels, seed=seed)
+                poisoned = poison(data, artifact, level, labels=mode, seed=seed)
                 hit = poisoned.info["poisoned"]
                 pred = clean_pred.clone()
                 pred[hit] = predict(model, poisoned.x[hit], batch_size)
                 n_poisoned = int(hit.sum())
-            rows.append({"level": level, "n_poisoned": n_poisoned, **metrics(pred, data)})
+            rows.append({"level": level, "labels": mode, "n_poisoned": n_poisoned, **metrics(pred, data)})
             bar.advance(task)
     drops = [
         {
             "from": rows[0]["level"],
             "to": row["level"],
+            "labels": row["labels"],
             "accuracy": rows[0]["accuracy"] - row["accuracy"],
             "macro_group_accuracy": rows[0]["macro_group_accuracy"] - row["macro_group_accuracy"],
             "worst_group_accuracy": rows[0]["worst_group_accuracy"] - row["worst_group_accuracy"],
@@ -120,7 +129,7 @@ def evaluate(
     return {
         "levels": rows,
         "drops": drops,
-        "settings": {"artifact": str(artifact) if artifact else None, "labels": labels, "seed": seed},
+        "settings": {"artifact": str(artifact) if artifact else None, "labels": list(modes), "seed": seed},
         "definitions": {
             "macro_group_accuracy": "unweighted mean over groups of per-group accuracy",
             "worst_group_accuracy": "minimum over groups of per-group accuracy",

@@ -51,26 +51,26 @@ def render_markdown(results: dict) -> str:
         "",
         f"- model: `{model.get('path')}` ({model.get('arch')}, {model.get('num_classes')} classes, sha256 `{str(model.get('sha256'))[:16]}`)",
         f"- data: `{data.get('spec')}` ({data.get('n')} items, checksum `{data.get('checksum')}`)",
-        f"- artifact: `{results['settings']['artifact']}`, labels `{results['settings']['labels']}`, seed {results['settings']['seed']}",
+        f"- artifact: `{results['settings']['artifact']}`, labels {', '.join(results['settings']['labels'])}, seed {results['settings']['seed']}",
         "",
-        "| poison | poisoned items | accuracy | macro-group | worst-group (group) |" + (" F1 |" if "f1" in results["levels"][0] else ""),
-        "|---:|---:|---:|---:|---:|" + ("---:|" if "f1" in results["levels"][0] else ""),
+        "| poison | labels | poisoned items | accuracy | macro-group | worst-group (group) |" + (" F1 |" if "f1" in results["levels"][0] else ""),
+        "|---:|---|---:|---:|---:|---:|" + ("---:|" if "f1" in results["levels"][0] else ""),
     ]
     for row in results["levels"]:
         f1 = f" {_pct(row['f1'])} |" if "f1" in row else ""
         lines.append(
-            f"| {row['level']:g} | {row['n_poisoned']} | {_pct(row['accuracy'])} | {_pct(row['macro_group_accuracy'])} "
+            f"| {row['level']:g} | {row['labels'] or '–'} | {row['n_poisoned']} | {_pct(row['accuracy'])} | {_pct(row['macro_group_accuracy'])} "
             f"| {_pct(row['worst_group_accuracy'])} ({row['worst_group']}) |{f1}"
         )
     if results["drops"]:
         lines += ["", "Drops (percentage points, first level minus each other level):", ""]
         for drop in results["drops"]:
             lines.append(
-                f"- {drop['from']:g} → {drop['to']:g}: accuracy {_pct(drop['accuracy'])}, "
+                f"- {drop['from']:g} → {drop['to']:g} ({drop['labels']}): accuracy {_pct(drop['accuracy'])}, "
                 f"macro-group {_pct(drop['macro_group_accuracy'])}, worst-group {_pct(drop['worst_group_accuracy'])}"
             )
     groups = list(results["levels"][0]["per_group"])
-    lines += ["", "Per-group accuracy (%):", "", "| group | " + " | ".join(f"poison {r['level']:g}" for r in results["levels"]) + " |"]
+    lines += ["", "Per-group accuracy (%):", "", "| group | " + " | ".join(f"poison {r['level']:g}" + (f" {r['labels']}" if r["labels"] else "") for r in results["levels"]) + " |"]
     lines.append("|---|" + "---:|" * len(results["levels"]))
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_pct(r["per_group"].get(g)) for r in results["levels"]) + " |")

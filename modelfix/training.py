@@ -164,7 +164,7 @@ def train(
                     where = f"epoch {epoch}, step {step}"
                     last = f"{last_finite:.6g}" if last_finite is not None else "none"
                     raise TrainingFailed(
-                        f"loss became {float(loss)} at {where} (last finite loss: {last})",
+                        f"loss became {float(loss.detach())} at {where} (last finite loss: {last})",
                         hint="lower --lr or the penalty weight",
                     )
                 last_finite = float(loss.detach())

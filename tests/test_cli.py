@@ -52,17 +52,20 @@ def test_train_writes_checkpoint_and_card(shortcut):
 
 
 def test_evaluate_shows_the_shortcut(shortcut, tmp_path):
-    result = run("evaluate", shortcut, "--data", "decoy-digits:test", "--poison", "0,1", "--labels", "random",
-                 "--json", "-o", tmp_path / "eval")
+    result = run("evaluate", shortcut, "--data", "decoy-digits:test", "--poison", "0,1", "--labels",
+                 "correlated,random", "--json", "-o", tmp_path / "eval")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["schema"] == "modelfix.results/v1"
-    clean, permuted = doc["levels"]
+    clean, contaminated, permuted = doc["levels"]
+    assert (clean["labels"], contaminated["labels"], permuted["labels"]) == (None, "correlated", "random")
     assert permuted["n_poisoned"] == clean["n"]
-    # The shortcut: a label-coloured patch read as the label; a random colour sends accuracy far down.
-    assert clean["macro_group_accuracy"] - permuted["macro_group_accuracy"] > 0.3
+    # The shortcut: the patch is read as the label. When it encodes the true label the model is nearly perfect;
+    # a random colour sends accuracy far down.
+    assert contaminated["accuracy"] > 0.9
+    assert contaminated["macro_group_accuracy"] - permuted["macro_group_accuracy"] > 0.25
     on_disk = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert on_disk["levels"][1]["accuracy"] == permuted["accuracy"]
+    assert on_disk["levels"][2]["accuracy"] == permuted["accuracy"]
     report = (tmp_path / "eval" / "report.md").read_text()
     assert f"{100 * permuted['accuracy']:.2f}" in report
 
@@ -73,7 +76,7 @@ def test_evaluate_defaults_to_the_cards_scenario_and_artifact(shortcut):
     doc = json.loads(result.stdout)
     assert doc["data"]["spec"] == "decoy-digits:test"
     assert doc["settings"]["artifact"] == "corner-patch"
-    assert [row["level"] for row in doc["levels"]] == [0.0, 1.0]
+    assert [(row["level"], row["labels"]) for row in doc["levels"]] == [(0.0, None), (1.0, "random")]
 
 
 def test_evaluate_table_on_stdout(shortcut):

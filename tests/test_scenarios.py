@@ -52,10 +52,11 @@ def test_missing_mnist_says_where_it_looked(tmp_path, monkeypatch):
 
 def test_decoy_digits_splits():
     s = {name: load_scenario("decoy-digits", name) for name in SCENARIOS["decoy-digits"].splits}
-    n_train, n_val, n_test = len(s["train"]), len(s["val"]), len(s["test-clean"])
+    n_train, n_val, n_test = len(s["train"]) // 3, len(s["val"]), len(s["test-clean"])  # train: 3 copies
+    assert len(s["train"]) == 3 * n_train
     assert n_train + n_val + n_test == 1797
     assert abs(n_train - 0.6 * 1797) < 10 and abs(n_val - 0.1 * 1797) < 10 and abs(n_test - 0.3 * 1797) < 10
-    assert len(s["train-full"]) == n_train + n_val
+    assert len(s["train-full"]) == 3 * (n_train + n_val)
     for name, d in s.items():
         assert d.shape == (1, 28, 28) and d.class_names == [str(i) for i in range(10)]
         assert float(d.x.min()) >= 0 and float(d.x.max()) <= 1

@@ -179,16 +179,36 @@ def _build_egem_mnist(split: str, data_root, seed: int) -> Dataset:
 # ---- decoy digits (embedded default) ---------------------------------------------------------------------------
 
 
+DIGIT_SIZE, DIGIT_SHIFT, TRAIN_COPIES = 20, 2, 3
+
+
 @functools.lru_cache(maxsize=1)
-def _digits_28() -> Dataset:
-    """scikit-learn's bundled 8×8 digits (values 0..16) ÷ 16, bilinearly upsampled to 28×28, clamped to [0, 1]."""
+def _digits_20() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8×8 digits (values 0..16) ÷ 16, bilinearly upsampled to 20×20, clamped to [0, 1]."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / np.float32(16))[:, None]
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
-    return Dataset(x=x, y=torch.from_numpy(bunch.target.astype(np.int64)), class_names=DIGITS, name="digits",
-                   info={"index": torch.arange(len(bunch.target))})
+    x = F.interpolate(x, size=(DIGIT_SIZE, DIGIT_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x, torch.from_numpy(bunch.target.astype(np.int64))
+
+
+def _place_digits(idx: Tensor, copies: int, seed: int) -> Dataset:
+    """The digits `idx` on a 28×28 canvas, MNIST-like: a 20×20 digit centred, shifted by up to ±2 pixels per axis
+    (seeded), `copies` shifted copies of each. The shifts are what make the digit a harder feature for an MLP
+    than the corner patch, so ERM takes the shortcut as it does on DecoyMNIST; the digits stay learnable (an MLP
+    trained without the patch reaches about 96 % on the test split)."""
+    digits, labels = _digits_20()
+    gen = torch.Generator().manual_seed(seed)
+    base = (28 - DIGIT_SIZE) // 2
+    n = len(idx)
+    x = torch.zeros(copies * n, 1, 28, 28)
+    shifts = torch.randint(-DIGIT_SHIFT, DIGIT_SHIFT + 1, (copies * n, 2), generator=gen)
+    for i in range(copies * n):
+        r, c = base + int(shifts[i, 0]), base + int(shifts[i, 1])
+        x[i, :, r : r + DIGIT_SIZE, c : c + DIGIT_SIZE] = digits[idx[i % n]]
+    source = idx.repeat(copies)
+    return Dataset(x=x, y=labels[source], class_names=DIGITS, name="digits", info={"index": source})
 
 
 def _stratified(y: np.ndarray, fractions: tuple[float, float, float], seed: int, scenario: str):
@@ -207,17 +227,22 @@ def _stratified(y: np.ndarray, fractions: tuple[float, float, float], seed: int,
 
 def _build_decoy_digits(split: str, data_root, seed: int) -> Dataset:
     name = "decoy-digits"
-    digits = _digits_28()
-    train_idx, val_idx, test_idx = _stratified(digits.y.numpy(), (0.6, 0.1, 0.3), seed, name)
+    _, labels = _digits_20()
+    train_idx, val_idx, test_idx = _stratified(labels.numpy(), (0.6, 0.1, 0.3), seed, name)
     idx = {"train": train_idx, "val": val_idx, "train-full": torch.cat([train_idx, val_idx]).sort().values}
-    return _decoy(name, split, seed, digits.subset(idx.get(split, test_idx)))
+    copies = TRAIN_COPIES if split in ("train", "train-full") else 1
+    # The three test variants share one placement, so they differ only in the patch.
+    placement = "test" if split.startswith("test") else split
+    base = _place_digits(idx.get(split, test_idx), copies, split_seed(seed, name, f"placement-{placement}"))
+    return _decoy(name, split, seed, base)
 
 
 SCENARIOS: dict[str, Scenario] = {
     "decoy-digits": Scenario(
         name="decoy-digits",
-        description="scikit-learn's bundled digits upsampled to 28×28 with DecoyMNIST's label-coloured corner "
-                    "patch; embedded, no download (train 60 %, val 10 %, test 30 %, stratified)",
+        description="scikit-learn's bundled digits as 20×20 digits on a 28×28 canvas (±2 px shifts) with "
+                    "DecoyMNIST's label-coloured corner patch; embedded, no download (digits split 60/10/30 % "
+                    "stratified; train splits hold 3 shifted copies of each digit)",
         splits=DECOY_SPLITS, default_split="train", needs_mnist=False, artifact=str(CornerPatch()),
         build=_build_decoy_digits, aliases=dict(TEST_ALIAS)),
     "decoy-mnist": Scenario(

@@ -236,8 +236,9 @@ def _resolve_card(
             weight = state.get(f"{name}.weight")
             if weight is None or weight.dim() != 2:
                 raise CheckpointError(
-                    f"cannot infer the number of classes of {path}: it has no '{name}.weight' for arch '{arch}'",
-                    hint="pass --num-classes, or check --arch",
+                    f"checkpoint {path} does not look like arch '{arch}': it has no '{name}.weight' "
+                    f"(its first keys: {', '.join(list(state)[:4])})",
+                    hint="check --arch, or pass --num-classes",
                 )
             num_classes = int(weight.shape[0])
     channels = channels or spec.channels

@@ -185,6 +185,7 @@ def test_checkpoint_mismatching_the_architecture(shortcut, tmp_path):
     result = run("evaluate", path, "--arch", "tap-cnn", "--data", "decoy-digits:test")
     assert result.exit_code == 2
     assert "tap-cnn" in result.stderr and "Traceback" not in result.stderr
+    assert "fc1.weight" in result.stderr  # the file's own keys, so the user sees which architecture it really is
 
 
 def test_pickled_model_is_refused_without_trust(tmp_path):

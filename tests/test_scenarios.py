@@ -52,7 +52,8 @@ def test_missing_mnist_says_where_it_looked(tmp_path, monkeypatch):
 
 def test_decoy_digits_splits():
     s = {name: load_scenario("decoy-digits", name) for name in SCENARIOS["decoy-digits"].splits}
-    n_train, n_val, n_test = len(s["train"]) // 3, len(s["val"]), len(s["test-clean"])  # train: 3 copies
+    n_train = len(set(s["train"].info["index"].tolist()))  # distinct digits; the train split holds 3 copies of each
+    n_val, n_test = len(s["val"]), len(s["test-clean"])
     assert len(s["train"]) == 3 * n_train
     assert n_train + n_val + n_test == 1797
     assert abs(n_train - 0.6 * 1797) < 10 and abs(n_val - 0.1 * 1797) < 10 and abs(n_test - 0.3 * 1797) < 10

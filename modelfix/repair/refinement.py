@@ -1,0 +1,137 @@
+"""The refinement set of the post-hoc methods (EGEM paper §4.4, Supp. F; notes §3.5).
+
+Approved samples the model predicts correctly, at most N per class, split stratified into fit (80 %) and
+validation (`ceil(20 %)` per class) *before* oversampling, so no duplicate crosses the split. Oversampling each part
+to its share of N per class is represented by integer multiplicities (`fit_counts`, `val_counts`) on the unique
+samples: statistics and accuracies weighted by them equal those of the duplicated set exactly, at the cost of the
+unique samples only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modelfix.data.dataset import Dataset
+from modelfix.errors import DataError
+from modelfix.evaluate import predict
+
+
+@dataclass
+class RefinementSplit:
+    """Unique fit and validation samples with their oversampling multiplicities (`counts[i]` copies of item i)."""
+
+    fit: Dataset
+    fit_counts: torch.Tensor
+    val: Dataset
+    val_counts: torch.Tensor
+    summary: dict = field(default_factory=dict)
+
+    def expanded(self, part: str = "fit") -> Dataset:
+        """The oversampled dataset itself (duplicates materialised), for methods that train on it."""
+        data, counts = (self.fit, self.fit_counts) if part == "fit" else (self.val, self.val_counts)
+        return data.subset(torch.repeat_interleave(torch.arange(len(data)), counts))
+
+
+def _check_pool(data: Dataset, what: str) -> None:
+    if len(data) == 0:
+        raise DataError(f"the {what} is empty", hint="give a folder or scenario with approved samples of every class")
+    present = int((data.class_counts() > 0).sum())
+    if present < 2:
+        raise DataError(
+            f"the {what} has samples of only {present} class" + ("" if present == 1 else "es"),
+            hint="the refinement needs approved samples of at least two classes",
+        )
+
+
+def _multiplicities(n_unique: int, total: int, generator: torch.Generator) -> torch.Tensor:
+    """Counts summing to `total` over `n_unique` items: every item `total // n` times, the rest drawn without
+    replacement. (Fewer unique items than `total` means oversampling; more never happens: the pool is capped.)"""
+    counts = torch.full((n_unique,), total // n_unique, dtype=torch.long)
+    extra = torch.randperm(n_unique, generator=generator)[: total % n_unique]
+    counts[extra] += 1
+    return counts
+
+
+def refinement_split(
+    model: nn.Module,
+    data: Dataset,
+    samples_per_class: int = 700,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    keep_incorrect: bool = False,
+    approved: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> RefinementSplit:
+    """Build the fit/validation parts from a pool of samples.
+
+    - `approved`: optional bool mask over `data` (e.g. from `explain.lrp.relevance_share`); others are dropped;
+    - unless `keep_incorrect`, samples the model gets wrong are dropped (the paper's "correctly predicted");
+    - per class: at most N unique samples (a seeded draw), `ceil(val_fraction·n)` of them to validation, then each
+      part oversampled to `N − ceil(val_fraction·N)` and `ceil(val_fraction·N)` items.
+    """
+    if samples_per_class < 2:
+        raise DataError(f"--samples-per-class must be at least 2, got {samples_per_class}")
+    _check_pool(data, "clean set")
+    keep = torch.ones(len(data), dtype=torch.bool)
+    summary: dict = {"pool": len(data)}
+    if approved is not None:
+        keep &= approved.bool()
+        summary["approved"] = int(keep.sum())
+    pred = predict(model, data.x, batch_size)
+    correct = pred == data.y
+    summary["correct"] = int(correct.sum())
+    summary["pool_accuracy"] = float(correct.float().mean())
+    if not keep_incorrect:
+        if not bool(correct.any()):
+            raise DataError("the model predicts none of the clean samples correctly; nothing to refine on",
+                            hint="check that the data matches the model (classes, input scaling), or --keep-incorrect")
+        keep &= correct
+    pool = data.subset(torch.nonzero(keep).flatten())
+    _check_pool(pool, "set of correctly predicted" + (" approved" if approved is not None else "") + " samples")
+
+    generator = torch.Generator().manual_seed(seed)
+    n_val_total = math.ceil(val_fraction * samples_per_class)
+    n_fit_total = samples_per_class - n_val_total
+    fit_idx, val_idx, fit_counts, val_counts = [], [], [], []
+    per_class = {}
+    for k in range(pool.num_classes):
+        members = torch.nonzero(pool.y == k).flatten()
+        if len(members) == 0:
+            continue
+        members = members[torch.randperm(len(members), generator=generator)][:samples_per_class]
+        n_val = math.ceil(val_fraction * len(members))
+        if len(members) - n_val < 1:
+            raise DataError(
+                f"class '{pool.class_names[k]}' has only {len(members)} usable sample(s); need at least 2 "
+                "(one to fit, one to validate)",
+                hint="add approved samples of that class, or drop the class from the clean set",
+            )
+        val_idx.append(members[:n_val])
+        fit_idx.append(members[n_val:])
+        val_counts.append(_multiplicities(n_val, n_val_total, generator))
+        fit_counts.append(_multiplicities(len(members) - n_val, n_fit_total, generator))
+        per_class[pool.class_names[k]] = {"unique": len(members), "val_unique": n_val}
+    fit = pool.subset(torch.cat(fit_idx))
+    val = pool.subset(torch.cat(val_idx))
+    summary.update(
+        samples_per_class=samples_per_class,
+        classes=len(per_class),
+        fit_unique=len(fit),
+        val_unique=len(val),
+        fit_size=int(torch.cat(fit_counts).sum()),
+        val_size=int(torch.cat(val_counts).sum()),
+        per_class=per_class,
+        seed=seed,
+    )
+    return RefinementSplit(fit, torch.cat(fit_counts), val, torch.cat(val_counts), summary)
+
+
+@torch.inference_mode()
+def weighted_accuracy(model: nn.Module, data: Dataset, counts: torch.Tensor, batch_size: int = 256) -> float:
+    """Accuracy on the oversampled set that `counts` describes (each item weighted by its multiplicity)."""
+    correct = (predict(model, data.x, batch_size) == data.y).double()
+    return float((correct * counts.double()).sum() / counts.double().sum())

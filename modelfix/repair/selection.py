@@ -1,0 +1,46 @@
+"""Hyper-parameter selection by the EGEM paper's slack rule (§4.4, Supp. G), shared by every post-hoc method.
+
+Candidates are scanned from weakest to strongest; the chosen one is the *last* whose validation accuracy is within
+the slack of the original model's. Selection never looks at test data (the authors' first `run.py` tracked the best
+test accuracy; that leak is not reproduced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from modelfix.errors import ModelfixError
+
+SLACK_MODES = ("relative", "absolute")
+
+
+def check_slack(slack: float) -> float:
+    """`slack` as a float in [0, 1], or a one-line error naming the option."""
+    if not 0.0 <= float(slack) <= 1.0:
+        raise ModelfixError(f"--slack must be in [0, 1], got {slack}", hint="0.05 allows a 5 % relative accuracy loss")
+    return float(slack)
+
+
+def threshold(baseline: float, slack: float, mode: str = "relative") -> float:
+    """The lowest validation accuracy that passes: `(1 − s)·baseline` (relative) or `baseline − s` (absolute)."""
+    check_slack(slack)
+    if mode == "relative":
+        return (1.0 - slack) * baseline
+    if mode == "absolute":
+        return baseline - slack
+    raise ModelfixError(f"unknown slack mode '{mode}'", hint=f"one of {', '.join(SLACK_MODES)}")
+
+
+def select_by_slack(val_accuracies: Sequence[float], baseline: float, slack: float, mode: str = "relative") -> int:
+    """Index of the strongest candidate (candidates ordered weakest first) within the slack; 0 if none passes.
+
+    The scan keeps the last passing candidate even where accuracy is not monotone in strength, as the paper does.
+    """
+    if not val_accuracies:
+        raise ValueError("no candidates to select from")
+    bar = threshold(baseline, slack, mode) - 1e-12  # float noise must not fail the identity candidate
+    chosen = 0
+    for index, acc in enumerate(val_accuracies):
+        if acc >= bar:
+            chosen = index
+    return chosen

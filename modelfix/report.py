@@ -109,3 +109,52 @@ def write_run(out_dir: Path, results: dict) -> list[Path]:
     write_text_atomic(json_path, json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
     write_text_atomic(md_path, render_markdown(results))
     return [json_path, md_path]
+
+
+def render_repair_markdown(doc: dict) -> str:
+    """The repair report: what was fitted on which samples, the whole selection trace, per-layer settings, folds."""
+    trace = doc["trace"]
+    samples = trace.get("samples", {})
+    key = "alpha" if "alpha" in trace else "lambda"
+    lines = [
+        f"# modelfix {doc['command']}: {trace['method']}",
+        "",
+        f"- model: `{doc['model']}` → `{doc['output']}`",
+        f"- clean data: `{doc['data'].get('spec')}` ({doc['data'].get('n')} items, checksum `{doc['data'].get('checksum')}`)",
+        f"- samples: pool {samples.get('pool')}, correctly predicted {samples.get('correct')}, "
+        f"{samples.get('samples_per_class')} per class → fit {samples.get('fit_unique')} unique ({samples.get('fit_size')} "
+        f"oversampled), validation {samples.get('val_unique')} unique ({samples.get('val_size')} oversampled)",
+        f"- selected {key} = {trace[key]:g} ({trace.get('selected_by')}; slack {trace.get('slack'):g} {trace.get('slack_mode')}); "
+        f"validation accuracy {_pct(trace.get('val_orig'))} % → {_pct(trace.get('val_acc'))} %",
+        f"- time: " + ", ".join(f"{k} {v:.2f} s" for k, v in trace.get("timing", {}).items()),
+        "",
+    ]
+    if trace.get("selection"):
+        lines += [f"| {key} | validation accuracy % | within slack |", "|---:|---:|:---:|"]
+        for row in trace["selection"]:
+            chosen = " **(chosen)**" if row[key] == trace[key] else ""
+            lines.append(f"| {row[key]:g}{chosen} | {_pct(row['val_acc'])} | {'yes' if row['passed'] else 'no'} |")
+        lines.append("")
+    if trace.get("layers"):
+        lines += ["| layer | kind | τ | λ | mean factor | units | pruned (< 0.01) |", "|---|---|---:|---:|---:|---:|---:|"]
+        for row in trace["layers"]:
+            lines.append(f"| {row['name']} | {row.get('kind')} | {row['tau']:.4f} | {row['lambda']:.4g} | "
+                         f"{row['mean_factor']:.4f} | {row.get('units')} | {row.get('pruned_units')} |")
+        lines.append("")
+    fold = doc.get("fold") or {}
+    for entry in fold.get("folded", []):
+        lines.append(f"- folded `{entry['key']}` ({entry['kind']} at `{entry['target']}`) into {', '.join(f'`{m}`' for m in entry.get('into', []))}")
+    for entry in fold.get("kept", []):
+        lines.append(f"- kept patch `{entry['key']}` ({entry['kind']} at `{entry['target']}`): {entry['reason']}")
+    for warning in trace.get("warnings", []):
+        lines.append(f"- warning: {warning}")
+    return "\n".join(lines) + "\n"
+
+
+def write_repair_report(out_dir: Path, doc: dict) -> list[Path]:
+    """repair.json and repair.md into `out_dir`."""
+    out_dir = Path(out_dir)
+    json_path, md_path = out_dir / "repair.json", out_dir / "repair.md"
+    write_text_atomic(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(md_path, render_repair_markdown(doc))
+    return [json_path, md_path]

@@ -44,6 +44,7 @@ class TrainConfig:
     loss: str = "ce"
     grad_clip: float | None = None
     select: str = "final"  # "final" or "best" (best validation accuracy)
+    freeze_bn: bool = False  # BatchNorm in eval mode with its affine parameters out of the optimiser (EGEM's Retrain)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -101,6 +102,10 @@ class TaskObjective:
         return loss, {"task": float(loss.detach())}
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -130,6 +135,7 @@ def train(
     val: Dataset | None = None,
     progress: bool = True,
     description: str = "train",
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Fit `model` in place on `data` with `objective` (default: the task loss).
 
@@ -144,7 +150,9 @@ def train(
     seed_everything(config.seed)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    frozen = _batchnorms(model) if config.freeze_bn else []
+    frozen_params = {id(p) for bn in frozen for p in bn.parameters()}
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params], config)
 
     result = TrainResult()
     best_acc, best_state = -1.0, None
@@ -155,6 +163,8 @@ def train(
         task = bar.add_task(description, total=config.epochs * steps_per_epoch)
         for epoch in range(1, config.epochs + 1):
             model.train()
+            for bn in frozen:  # running statistics stay fixed
+                bn.eval()
             sums: dict[str, float] = {}
             seen = 0
             for step, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=shuffle_gen), 1):
@@ -187,6 +197,8 @@ def train(
                     best_state = copy.deepcopy(model.state_dict())
                     result.best_epoch = epoch
             result.history.append(record)
+            if on_epoch_end is not None:  # e.g. snapshots at an epoch grid (EGEM's Retrain baseline)
+                on_epoch_end(epoch, model)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

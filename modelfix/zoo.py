@@ -153,6 +153,28 @@ def build_egem_cnn(num_classes: int, in_channels: int, input_size: tuple[int, in
     return nn.Sequential(OrderedDict(layers))
 
 
+def build_egem_cnn_ref(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
+    """The EGEM reference code's `mnistnet` blueprint: conv 8@3x3 pad 1, pool 2, conv 16@3x3 pad 1, pool 2, fc 500,
+    fc K (784 features at 28x28). It differs from the paper's Table 1 (`egem-cnn`); on the modified MNIST it learns
+    the 3-pixel shortcut much more reliably (docs/benchmarks.md)."""
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(in_channels, 8, 3, padding=1)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(8, 16, 3, padding=1)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+    ]
+    features = _flat_features(layers, in_channels, input_size)
+    layers += [
+        ("fc1", nn.Linear(features, 500)),
+        ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(500, num_classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
 def build_derma_cnn(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """R4's DermaNet "medium_large" CNN (14400 features at 64x64).
 
@@ -229,6 +251,10 @@ ARCHITECTURES: dict[str, ArchInfo] = {
     ),
     "egem-cnn": ArchInfo(
         build_egem_cnn, "conv 8@3x3, conv 16@5x5, fc 200, fc K", "EGEM paper, Table 1 (MNIST)", _MNIST_RAW
+    ),
+    "egem-cnn-ref": ArchInfo(
+        build_egem_cnn_ref, "conv 8@3x3 pad 1, conv 16@3x3 pad 1, fc 500, fc K",
+        "EGEM reference code `mnistnet` blueprint (MNIST)", _MNIST_RAW
     ),
     "derma-cnn": ArchInfo(
         build_derma_cnn,

@@ -173,8 +173,7 @@ def prune_egem(
     spec, pool, split = _refinement(model, card, clean_dir, scenario, data_root, seed, samples_per_class, keep_incorrect,
                                     approve_mask, min_relevance, batch_size)
     config = EgemConfig(method=method, layers=layers, alpha=alpha, slack=slack, slack_mode=slack_mode, schedule=schedule,
-                        conv_mode=conv_mode, batch_size=batch_size)
-    config.explainer = explainer
+                        conv_mode=conv_mode, batch_size=batch_size, explainer=explainer)
     repaired, trace = fit_egem(model, split, config)
     fold_info = None
     if patch_entries(repaired) and fold is not False:

@@ -1,0 +1,78 @@
+"""RBR, "Right for Better Reasons" (Shao et al., AAAI 2021), as TAP implements it but with the influence term
+computed in full (methods_guided_finetunes.md §1.4, §6 item 5, §7 item 12).
+
+    L_RBR = Σ_{b,i} (M_bi · g_bi · IF_bi)²          batch SUM, no mask renormalisation (as TAP; λ ≈ 1e4 assumes it)
+
+- g = Σ_c ∂(Σ_k log p_k)/∂z, RRR's `log-prob-sum` input gradient from an eval-mode second pass (rrr.py);
+- IF = Σ_c ∂/∂z [ Σ_{every parameter entry p} ∂L_task/∂θ_p ], a cheap scalarisation of the influence function,
+  where L_task is the batch-mean task loss of the training-mode forward pass (the same one the task term uses).
+
+TAP's reference code builds L_task *before* marking the input as requiring grad, so only the explicit appearance
+of x in the first layer's weight gradient reaches x and every path through the activations is lost (§1.4: −0.276
+instead of −14.44 in a float64 directional check). Here z requires grad before the forward pass that builds
+L_task, so IF is the full derivative (tests check it against finite differences). Note that for softmax CE,
+Σ_k (p_k − y_k) = 0: the last layer's bias gradients contribute exactly 0 to the scalar.
+
+Cost: double backprop for g plus a third-order backprop for IF (≈ 12× ERM on TAP's CNN, §5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelfix.repair.guidance.rrr import check_weight, input_gradient, network_input, pixel_mask
+from modelfix.training import task_loss
+
+PAPER = ('Shao, Skryagin, Stammer, Schramowski, Kersting, AAAI 2021, "Right for Better Reasons: Training '
+         'Differentiable Models by Constraining their Influence Functions"')
+
+
+def influence_input_gradient(task: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """∂/∂z [Σ_p Σ_entries ∂task/∂θ_p] (shape of z), differentiable in θ. `z` must have required grad before the
+    forward pass that built `task`, else only explicit uses of z in the parameter gradients are seen (TAP's bug)."""
+    grads = torch.autograd.grad(task, params, create_graph=True, allow_unused=True)
+    total = sum(grad.sum() for grad in grads if grad is not None)
+    if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        return torch.zeros_like(z)
+    (influence,) = torch.autograd.grad(total, z, create_graph=True, allow_unused=True)
+    return torch.zeros_like(z) if influence is None else influence
+
+
+def rbr_penalty(grad: torch.Tensor, influence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_{b,i} (M_bi g_bi IF_bi)² with g, IF summed over channels (N×C×H×W → N×H×W) and mask N×H×W."""
+    return (mask * grad.sum(dim=1) * influence.sum(dim=1)).pow(2).sum()
+
+
+class RBR:
+    """Objective `task + λ·L_RBR` (module docstring); the task term and IF share the training-mode forward pass."""
+
+    name = "rbr"
+    paper = PAPER
+    defaults = {"lam": 1e4}
+
+    def __init__(self, lam: float = 1e4, loss: str = "ce"):
+        self.lam = check_weight(lam, "RBR lam")
+        self.loss = loss
+        self.loss_fn = task_loss(loss)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "paper": self.paper, "hyperparameters": {"lam": self.lam}}
+
+    def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task, penalty), both differentiable."""
+        x, y = batch["x"], batch["y"]
+        mask = pixel_mask(batch, x.dtype)
+        net, z = network_input(model, x)  # z requires grad before the forward pass that builds the task loss
+        task = self.loss_fn(net(z), y)
+        if bool(mask.any()):
+            params = [p for p in model.parameters() if p.requires_grad]
+            influence = influence_input_gradient(task, z, params)
+            penalty = rbr_penalty(input_gradient(model, x, y, "log-prob-sum", self.loss), influence, mask)
+        else:  # nothing to penalise: skip the third-order pass (exactly 0)
+            penalty = x.new_zeros(())
+        return task, penalty
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        task, penalty = self.terms(model, batch)
+        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

@@ -533,6 +533,7 @@ def bench_egem_mnist(
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of the original model.")] = 5,
     retrain_grid: Annotated[str, typer.Option("--retrain-grid", help="Retrain epoch grid.")] = "1,5,10,20,30,50,100",
     test_size: Annotated[int, typer.Option("--test-size")] = 1000,
+    layers: Annotated[str, typer.Option("--layers", help="EGEM refinement points ('auto': the generic defaults).")] = "pool1,flatten,relu3",
     data_root: DataRootOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
     json_output: JsonOpt = False,
@@ -548,7 +549,8 @@ def bench_egem_mnist(
     ints = lambda text, option: tuple(int(v) for v in _floats(text, option) or ())  # noqa: E731
     result = run(arch=arch, runs=runs, samples=ints(samples, "--samples-per-class"), sweep=ints(sweep, "--sweep"),
                  slacks=_floats(slacks, "--slack") or (0.05,), methods=chosen, epochs=epochs,
-                 retrain_grid=ints(retrain_grid, "--retrain-grid"), test_size=test_size, data_root=data_root)
+                 retrain_grid=ints(retrain_grid, "--retrain-grid"), test_size=test_size, data_root=data_root,
+                 layers=None if layers == "auto" else layers)
     if output is not None:
         write_text_atomic(output, json.dumps(json_safe(result), indent=2) + "\n")
     if json_output:

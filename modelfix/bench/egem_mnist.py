@@ -33,11 +33,11 @@ def _accuracies(model, test, artifact) -> dict:
     return {"clean": rows[0]["accuracy"], "poisoned": rows[1]["accuracy"]}
 
 
-def _repair(method: str, model, split, slack: float, retrain_grid):
+def _repair(method: str, model, split, slack: float, retrain_grid, layers=None):
     if method == "original":
         return model, {}
     if method in ("egem", "pca-egem"):
-        repaired, trace = fit_egem(model, split, EgemConfig(method=method, slack=slack), progress=False)
+        repaired, trace = fit_egem(model, split, EgemConfig(method=method, slack=slack, layers=layers), progress=False)
         fold_patches(repaired)
         return repaired, {"alpha": trace["alpha"], "seconds": trace["timing"]["total_s"]}
     if method in ("rgem", "ridge"):
@@ -63,8 +63,12 @@ def _mean_std(values: list[float]) -> dict:
 def run(arch: str = "egem-cnn", runs: int = 5, samples: tuple[int, ...] = (700,), sweep: tuple[int, ...] = (),
         slacks: tuple[float, ...] = (0.05,), methods: tuple[str, ...] = METHODS, epochs: int = 5,
         retrain_grid: tuple[int, ...] = (1, 5, 10, 20, 30, 50, 100), test_size: int = 1000, data_root=None,
-        progress: bool = True) -> dict:
-    """Mean ± std over `runs` of clean/poisoned test accuracy per method, the sample sweep and extra slack rows."""
+        layers: str | None = "pool1,flatten,relu3", progress: bool = True) -> dict:
+    """Mean ± std over `runs` of clean/poisoned test accuracy per method, the sample sweep and extra slack rows.
+
+    `layers`: EGEM's refinement points; the default is the paper's MNIST protocol (after pool1, after pool2 +
+    flatten — one unit per channel *and position* — and after the fc1 ReLU); None uses the generic defaults.
+    """
     train_data = load_scenario("egem-mnist", "train", data_root, seed=0)
     pool = load_scenario("egem-mnist", "clean", data_root, seed=0)
     test_all = load_scenario("egem-mnist", "test", data_root, seed=0)
@@ -87,7 +91,7 @@ def run(arch: str = "egem-cnn", runs: int = 5, samples: tuple[int, ...] = (700,)
                 splits[n] = refinement_split(model, pool, samples_per_class=n, seed=r)
             if method == "original" and (n, slack) != (rows[0][0], rows[0][1]):
                 continue
-            repaired, info = _repair(method, model, splits[n], slack, retrain_grid)
+            repaired, info = _repair(method, model, splits[n], slack, retrain_grid, layers)
             cells.setdefault((method, n, slack), []).append({**_accuracies(repaired, test, artifact), **info})
             if method in ratios and n == max(samples) and slack == slacks[0]:
                 ratios[method].append(info["seconds"] / _forward_seconds(model, splits[n]))
@@ -99,7 +103,7 @@ def run(arch: str = "egem-cnn", runs: int = 5, samples: tuple[int, ...] = (700,)
             if key in values[0]:
                 row[key] = [v[key] for v in values]
         table.append(row)
-    return {"arch": arch, "runs": runs, "epochs": epochs, "test_size": test_size, "rows": table,
+    return {"arch": arch, "runs": runs, "layers": layers, "epochs": epochs, "test_size": test_size, "rows": table,
             "speed_ratio": {m: _mean_std(v) for m, v in ratios.items() if v},
             "protocol": "train 5 epochs Adam 1e-3 batch 128 BCE on egem-mnist:train; refinement pool egem-mnist:clean; "
                         "1000 random t10k images clean and with the 3 pixels on every image"}

@@ -445,3 +445,23 @@ def test_tap_layer_errors_and_no_leaked_hooks():
         TAP(layers=["1"])(twice, batch)
     for m in list(model.modules()) + list(twice.modules()):
         assert not m._forward_hooks
+
+
+def test_rbr_refuses_train_mode_batchnorm_in_one_line():
+    from modelfix.card import InputSpec
+    from modelfix.errors import UnsupportedModel
+    from modelfix.repair.guidance import RBR
+    from modelfix.zoo import Classifier
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(32, 2))
+    model = Classifier(net, InputSpec(1, 4, 4, (0.0,), (1.0,))).train()
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[:, :, 0, 0] = 1
+    batch = {"x": torch.rand(3, 1, 4, 4), "y": torch.tensor([0, 1, 0]), "mask": mask,
+             "has_mask": torch.ones(3, dtype=torch.bool)}
+    with pytest.raises(UnsupportedModel, match="BatchNorm"):
+        RBR()(model, batch)
+    net[1].eval()  # frozen batch norm works
+    loss, _ = RBR()(model, batch)
+    assert torch.isfinite(loss)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelfix.errors import UnsupportedModel
+
 from modelfix.repair.guidance.rrr import check_weight, input_gradient, network_input, pixel_mask
 from modelfix.training import task_loss
 
@@ -66,6 +68,10 @@ class RBR:
         net, z = network_input(model, x)  # z requires grad before the forward pass that builds the task loss
         task = self.loss_fn(net(z), y)
         if bool(mask.any()):
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+                # torch has no third-order derivative of train-mode batch norm; fail in one line, not deep in autograd
+                raise UnsupportedModel("RBR needs third-order gradients, which BatchNorm in training mode lacks",
+                                       hint="freeze BatchNorm (TrainConfig freeze_bn=True) or use another method")
             params = [p for p in model.parameters() if p.requires_grad]
             influence = influence_input_gradient(task, z, params)
             penalty = rbr_penalty(input_gradient(model, x, y, "log-prob-sum", self.loss), influence, mask)

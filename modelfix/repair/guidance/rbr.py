@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from modelfix.errors import UnsupportedModel
-
 from modelfix.repair.guidance.rrr import check_weight, input_gradient, network_input, pixel_mask
 from modelfix.training import task_loss
 

@@ -151,7 +151,7 @@ def prune_egem(
     from .repair.egem import SCHEDULES, EgemConfig, fit_egem
     from .repair.fold import fold_patches
     from .repair.patches import patch_entries
-    from .repair.selection import SLACK_MODES, check_slack
+    from .repair.selection import check_slack
 
     method = "pca-egem" if pca else method
     if method not in ("egem", "pca-egem", "egem-full"):
@@ -162,9 +162,7 @@ def prune_egem(
         raise ModelfixError(f"--conv-mode must be sum or position, not '{conv_mode}'")
     if explainer not in ("gi", "lrp-eps"):
         raise ModelfixError(f"--explainer must be gi or lrp-eps, not '{explainer}'")
-    if slack_mode not in SLACK_MODES:
-        raise ModelfixError(f"--slack-mode must be relative or absolute, not '{slack_mode}'")
-    check_slack(slack)
+    check_slack(slack, slack_mode)
     if alpha is not None and not 0.0 < alpha <= 1.0:
         raise ModelfixError(f"--alpha must be in (0, 1], got {alpha}", hint="smaller α prunes more; 1 is the identity")
     if output.suffix != ".safetensors":
@@ -215,13 +213,11 @@ def refit(
 ) -> None:
     """RGEM / Ridge: closed-form float64 refit of the last linear layer on approved samples."""
     from .repair.lastlayer import METHODS, RefitConfig, fit_refit
-    from .repair.selection import SLACK_MODES, check_slack
+    from .repair.selection import check_slack
 
     if method not in METHODS:
         raise ModelfixError(f"--method must be one of {', '.join(METHODS)}, not '{method}'")
-    if slack_mode not in SLACK_MODES:
-        raise ModelfixError(f"--slack-mode must be relative or absolute, not '{slack_mode}'")
-    check_slack(slack)
+    check_slack(slack, slack_mode)
     if lam is not None and not lam > 0:
         raise ModelfixError(f"--lambda must be positive, got {lam}")
     if output.suffix != ".safetensors":

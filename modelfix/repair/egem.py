@@ -31,7 +31,7 @@ from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import SLACK_MODES, check_slack, select_by_slack, threshold
+from modelfix.repair.selection import check_slack, passes, select_by_slack
 
 if TYPE_CHECKING:  # points.py is imported where it is used (fit_egem), keeping this module importable on its own
     from modelfix.repair.points import Point
@@ -403,9 +403,7 @@ def _check_config(config: EgemConfig) -> None:
         raise ModelfixError(f"unknown --schedule '{config.schedule}'", hint=f"one of {', '.join(SCHEDULES)}")
     if config.conv_mode not in CONV_MODES:
         raise ModelfixError(f"unknown --pca-conv-mode '{config.conv_mode}'", hint=f"one of {', '.join(CONV_MODES)}")
-    if config.slack_mode not in SLACK_MODES:
-        raise ModelfixError(f"unknown --slack-mode '{config.slack_mode}'", hint=f"one of {', '.join(SLACK_MODES)}")
-    check_slack(config.slack)
+    check_slack(config.slack, config.slack_mode)
     if config.alpha is not None:
         _check_alpha(config.alpha)
     elif not config.grid:
@@ -463,7 +461,6 @@ def fit_egem(
 
     selection_start = time.perf_counter()
     val_orig = weighted_accuracy(refined, split.val, split.val_counts, config.batch_size)
-    bar_value = threshold(val_orig, config.slack, config.slack_mode) - 1e-12  # as select_by_slack
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
@@ -478,7 +475,7 @@ def fit_egem(
                 finally:
                     for key in keys:
                         remove_patch(refined, key)
-                selection.append({"alpha": alpha, "val_acc": acc, "passed": acc >= bar_value})
+                selection.append({"alpha": alpha, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
                 bar.advance(task)
         index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
         alpha, val_acc, selected_by = grid[index], selection[index]["val_acc"], "slack"

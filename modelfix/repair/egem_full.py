@@ -42,7 +42,7 @@ from modelfix.explain.lrp import EPSILON, build_composite, explaining
 from modelfix.progress import progress_bar
 from modelfix.repair.egem import PRUNED_BELOW, _check_config, search_lambda, tau_schedule
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import select_by_slack, threshold
+from modelfix.repair.selection import passes, select_by_slack
 
 EXPLAINERS = ("gi", "lrp-eps")
 EXPERIMENTAL = ("egem-full is experimental: the paper evaluates the per-unit rule (Eq. 5, method egem); this is its "
@@ -344,7 +344,6 @@ def fit_egem_full(model: nn.Module, split: RefinementSplit, config, progress: bo
 
     selection_start = time.perf_counter()
     val_orig = weighted_accuracy(refined, split.val, split.val_counts, config.batch_size)
-    bar_value = threshold(val_orig, config.slack, config.slack_mode) - 1e-12  # as select_by_slack
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
@@ -357,7 +356,7 @@ def fit_egem_full(model: nn.Module, split: RefinementSplit, config, progress: bo
                         acc = weighted_accuracy(refined, split.val, split.val_counts, config.batch_size)
                 else:
                     acc = val_orig
-                selection.append({"alpha": alpha, "val_acc": acc, "passed": acc >= bar_value})
+                selection.append({"alpha": alpha, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
                 bar.advance(task)
         index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
         alpha, val_acc, selected_by = grid[index], selection[index]["val_acc"], "slack"

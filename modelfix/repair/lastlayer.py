@@ -29,7 +29,7 @@ from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.refinement import RefinementSplit
-from modelfix.repair.selection import SLACK_MODES, check_slack, select_by_slack, threshold
+from modelfix.repair.selection import check_slack, passes, select_by_slack
 from modelfix.zoo import last_linear
 
 LAMBDA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # weakest first; relative to the mean second moment
@@ -231,9 +231,7 @@ def _check_config(config: RefitConfig) -> None:
     """Every option checked before any forward pass, so a typo costs nothing."""
     if config.method not in METHODS:
         raise ModelfixError(f"--method must be one of {', '.join(METHODS)}, not '{config.method}'")
-    if config.slack_mode not in SLACK_MODES:
-        raise ModelfixError(f"unknown --slack-mode '{config.slack_mode}'", hint=f"one of {', '.join(SLACK_MODES)}")
-    check_slack(config.slack)
+    check_slack(config.slack, config.slack_mode)
     if config.lam is not None:
         _check_lambda(config.lam, "--lambda")
     elif not config.grid:
@@ -294,13 +292,12 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
     selection: list[dict] = []
     if config.lam is None:
         grid = sorted({float(lam) for lam in config.grid})  # weakest (smallest) first
-        bar_value = threshold(val_orig, config.slack, config.slack_mode) - 1e-12  # as select_by_slack
         solutions = []
         for lam in grid:
             weight, bias = solve_moments(moments, lam)
             acc = score(weight, bias)
             solutions.append((weight, bias, acc))
-            selection.append({"lambda": lam, "val_acc": acc, "passed": acc >= bar_value})
+            selection.append({"lambda": lam, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
         index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
         lam, selected_by = grid[index], "slack"
         weight, bias, val_acc = solutions[index]

@@ -15,7 +15,7 @@ from torch import nn
 
 from modelfix.errors import ModelfixError
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import check_slack, select_by_slack
+from modelfix.repair.selection import check_slack, passes, select_by_slack
 from modelfix.training import TrainConfig, train
 
 EPOCH_GRID = (1, 5, 10, 20, 30, 50, 100)
@@ -36,7 +36,7 @@ class RetrainConfig:
 
 def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig, progress: bool = True):
     """Fine-tune a copy of `model` on the oversampled fit split; returns (model, trace) like the other methods."""
-    check_slack(config.slack)
+    check_slack(config.slack, config.slack_mode)
     grid = (config.epochs,) if config.epochs is not None else tuple(sorted(set(config.grid)))
     if min(grid) < 1:
         raise ModelfixError(f"retrain epochs must be at least 1, got {min(grid)}")
@@ -60,7 +60,6 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
                                                                              config.slack_mode)
     tuned.load_state_dict(snapshots[grid[chosen]])
     tuned.eval()
-    bar = (1 - config.slack) * val_orig if config.slack_mode == "relative" else val_orig - config.slack
     trace = {
         "method": "retrain",
         "epochs": grid[chosen],
@@ -69,7 +68,7 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
         "slack_mode": config.slack_mode,
         "val_orig": val_orig,
         "val_acc": accs[chosen],
-        "selection": [{"epochs": e, "val_acc": a, "passed": a >= bar - 1e-12} for e, a in zip(grid, accs)],
+        "selection": [{"epochs": e, "val_acc": a, "passed": passes(a, val_orig, config.slack, config.slack_mode)} for e, a in zip(grid, accs)],
         "config": {**train_config.to_dict()},
         "samples": split.summary,
         "timing": {"total_s": time.perf_counter() - start},

@@ -14,21 +14,24 @@ from modelfix.errors import ModelfixError
 SLACK_MODES = ("relative", "absolute")
 
 
-def check_slack(slack: float) -> float:
-    """`slack` as a float in [0, 1], or a one-line error naming the option."""
+def check_slack(slack: float, mode: str = "relative") -> float:
+    """`slack` as a float in [0, 1] and a known `mode`, or a one-line error naming the option."""
     if not 0.0 <= float(slack) <= 1.0:
         raise ModelfixError(f"--slack must be in [0, 1], got {slack}", hint="0.05 allows a 5 % relative accuracy loss")
+    if mode not in SLACK_MODES:
+        raise ModelfixError(f"--slack-mode must be one of {', '.join(SLACK_MODES)}, not '{mode}'")
     return float(slack)
 
 
 def threshold(baseline: float, slack: float, mode: str = "relative") -> float:
     """The lowest validation accuracy that passes: `(1 − s)·baseline` (relative) or `baseline − s` (absolute)."""
-    check_slack(slack)
-    if mode == "relative":
-        return (1.0 - slack) * baseline
-    if mode == "absolute":
-        return baseline - slack
-    raise ModelfixError(f"unknown slack mode '{mode}'", hint=f"one of {', '.join(SLACK_MODES)}")
+    check_slack(slack, mode)
+    return (1.0 - slack) * baseline if mode == "relative" else baseline - slack
+
+
+def passes(val_accuracy: float, baseline: float, slack: float, mode: str = "relative") -> bool:
+    """Whether one candidate is within the slack (float noise must not fail the identity candidate)."""
+    return val_accuracy >= threshold(baseline, slack, mode) - 1e-12
 
 
 def select_by_slack(val_accuracies: Sequence[float], baseline: float, slack: float, mode: str = "relative") -> int:
@@ -38,9 +41,8 @@ def select_by_slack(val_accuracies: Sequence[float], baseline: float, slack: flo
     """
     if not val_accuracies:
         raise ValueError("no candidates to select from")
-    bar = threshold(baseline, slack, mode) - 1e-12  # float noise must not fail the identity candidate
     chosen = 0
     for index, acc in enumerate(val_accuracies):
-        if acc >= bar:
+        if passes(acc, baseline, slack, mode):
             chosen = index
     return chosen

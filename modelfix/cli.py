@@ -427,10 +427,8 @@ def data_make(
     seed: SeedOpt = 0,
 ) -> None:
     """Export a scenario to the folder format (images/<class>/, masks/<class>/), so users see what to bring."""
-    import shutil
-    import tempfile
-
     from .data import SCENARIOS, load_scenario, save_folder
+    from .data.sources import staged_folder
 
     if scenario not in SCENARIOS:
         raise ModelfixError(f"unknown scenario '{scenario}' (scenarios: {', '.join(SCENARIOS)})")
@@ -442,21 +440,12 @@ def data_make(
     unknown = [s for s in splits if s not in SCENARIOS[scenario].splits]
     if unknown:
         raise ModelfixError(f"scenario {scenario} has no split '{unknown[0]}' (splits: {', '.join(SCENARIOS[scenario].splits)})")
-    # Build everything in a temporary sibling folder, then rename: an error leaves nothing behind.
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
-        counts = {}
+    counts = {}
+    with staged_folder(output_dir) as staging:  # an error leaves nothing behind
         for name in splits:
             dataset = load_scenario(scenario, name, data_root=data_root, seed=seed)
             save_folder(dataset, staging / name, fmt=fmt)
             counts[name] = len(dataset)
-        if output_dir.exists():
-            output_dir.rmdir()
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for name, n in counts.items():
         out.print(f"{output_dir / name}: {n} images")
 

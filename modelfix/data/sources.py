@@ -11,7 +11,9 @@ import os
 import shutil
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -310,6 +312,22 @@ def _safe_class_dir(name: str) -> str:
     return name
 
 
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder to fill; renamed to `out_dir` (an absent or empty folder) when the block ends
+    normally, removed on any error, so a reader never sees a half-written folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield staging
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:
     """Write `out_dir/images/<class>/<index:05d>.<fmt>`, `out_dir/masks/<class>/<index:05d>.<fmt>` (items with a
     mask only) and `out_dir/dataset.json` (name, classes, counts, groups, info with the checksum).
@@ -331,9 +349,7 @@ def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:
             raise DataError(f"dataset '{dataset.name}' has values outside [0, 1]; png would clip them",
                             hint="use fmt='npy'")
     dirs = [_safe_class_dir(n) for n in dataset.class_names]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_folder(out_dir) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         if fmt == "png":
@@ -369,12 +385,6 @@ def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:
             "info": _json_safe({**dataset.info, "checksum": dataset.checksum()}),
         }
         (staging / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -20,9 +20,6 @@ uniformly random k-subset of each image.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..data import Dataset, save_bundle
-from ..data.sources import _safe_class_dir
+from ..data.sources import _safe_class_dir, staged_folder
 from ..errors import DataError, ModelfixError
 
 BUNDLE_SUFFIXES = (".npz", ".safetensors")
@@ -174,18 +171,10 @@ def write_masks(data: Dataset, out) -> Path:
         raise DataError("two images share a class folder and a stem, so their masks would collide",
                         hint="write a bundle instead: -o masks.npz")
     masks = (data.mask[:, 0] != 0).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as staging:
         for i, target in enumerate(targets):
             if not data.has_mask[i]:
                 continue  # no file = no mask, as load_folder reads it
             (staging / target.parent).mkdir(exist_ok=True)
             Image.fromarray(masks[i].astype(np.uint8) * 255).save(staging / target)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -170,84 +170,6 @@ def _data_info(spec: str, data) -> dict:
 # ---- commands -----------------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: modelfix train --arch mlp --data decoy-digits:train -o runs/shortcut.safetensors")
-@handles_errors
-def train(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the trained .safetensors.", rich_help_panel="Output")],
-    arch: Annotated[str, typer.Option("--arch", help="Architecture (see `modelfix archs`).", rich_help_panel="Model")] = "mlp",
-    data: Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")] = "decoy-digits:train",
-    val: Annotated[Optional[str], typer.Option("--val", help="Validation data (reported per epoch; needed for --select best).", rich_help_panel="Data")] = None,
-    masks: MasksOpt = None,
-    data_root: DataRootOpt = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (with momentum), adam or adamw.", rich_help_panel="Training")] = "adam",
-    lr: Annotated[float, typer.Option("--lr", rich_help_panel="Training")] = 1e-3,
-    epochs: Annotated[int, typer.Option("--epochs", rich_help_panel="Training")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Training")] = 128,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel="Training")] = 0.0,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel="Training")] = 0.9,
-    loss: Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")] = "ce",
-    grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.", rich_help_panel="Training")] = None,
-    select: Annotated[str, typer.Option("--select", help="final, or best (best validation accuracy).", rich_help_panel="Training")] = "final",
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    json_output: JsonOpt = False,
-) -> None:
-    """Train a model from random initialisation (the one loop every fine-tune reuses)."""
-    from .card import InputSpec, ModelCard
-    from .checkpoint import save_model
-    from .training import TrainConfig, accuracy
-    from .training import train as run_training
-    from .zoo import build_model, default_input_spec
-
-    config = TrainConfig(optimizer=optimizer, lr=lr, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
-                         momentum=momentum, seed=seed, loss=loss, grad_clip=grad_clip, select=select)
-    if output.suffix != ".safetensors":
-        raise ModelfixError(f"-o {output}: the output must be a .safetensors file")
-    dev = _device(device)
-    base = default_input_spec(arch)
-    train_data = _data(data, data_root, seed, masks)
-    val_data = _data(val, data_root, seed) if val else None
-    c, h, w = train_data.shape
-    spec = InputSpec(channels=c, height=h, width=w,
-                     mean=_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
-                     std=_floats(std, "--std") or (base.std if len(base.std) in (1, c) else (base.std[0],)))
-    card = ModelCard(arch=arch, num_classes=train_data.num_classes, input=spec, class_names=list(train_data.class_names),
-                     artifact=train_data.info.get("artifact"),
-                     dataset={"spec": data, "checksum": train_data.checksum(), "n": len(train_data),
-                              "seed": seed, "scenario": train_data.info.get("scenario")},
-                     provenance={"source": "random initialisation"})
-    if val_data is not None:
-        _check_fits(val_data, card, val)
-    import torch
-
-    torch.manual_seed(seed)
-    model = build_model(card).to(dev)
-    result = run_training(model, train_data, config, val=val_data)
-    summary = {
-        "output": str(output),
-        "arch": arch,
-        "epochs": config.epochs,
-        "final_loss": result.history[-1]["loss"],
-        "train_accuracy": accuracy(model, train_data),
-        "val_accuracy": result.history[-1].get("val_accuracy"),
-        "best_epoch": result.best_epoch,
-        "seconds": result.seconds,
-    }
-    card = card.with_history({"command": "train", "method": "erm", "config": config.to_dict(), "data": data,
-                              "val": val, "epochs": result.history, "seconds": result.seconds})
-    inputs = [Path(p) for p in (data, val, masks) if p]
-    save_model(model.cpu(), card, output, inputs=inputs)
-    if json_output:
-        print(json.dumps(summary))
-    else:
-        table = Table(title=f"trained {arch} on {data}", show_header=False)
-        for key, value in summary.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        out.print(table)
-
-
 @app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels correlated,random")
 @handles_errors
 def evaluate(
@@ -561,7 +483,7 @@ def bench_egem_mnist(
                   f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
 
 
-from . import cli_posthoc  # noqa: E402,F401  (registers prune-egem and refit on `app`)
+from . import cli_bench_guided, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
 
 
 def main() -> None:

@@ -151,10 +151,39 @@ def render_repair_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_repair_report(out_dir: Path, doc: dict) -> list[Path]:
-    """repair.json and repair.md into `out_dir`."""
+def render_finetune_markdown(doc: dict) -> str:
+    """The fine-tune report: method, data and masks, training settings, and the whole λ sweep with the choice."""
+    sweep, data, config = doc["sweep"], doc["data"], doc["config"]
+    val = doc.get("val")
+    lines = [
+        f"# modelfix {doc['command']}: {doc['method']}",
+        "",
+        f"- method: {doc['method']} ({doc['paper']}); hyper-parameters {doc['hyperparameters'] or 'defaults'}",
+        f"- model: `{doc['model']}` → `{doc['output']}`",
+        f"- training data: `{data.get('spec')}` ({data.get('n')} items, {data.get('with_mask')} with a mask, "
+        f"checksum `{data.get('checksum')}`)" + (f", masks `{data['masks']}`" if data.get("masks") else ""),
+        f"- validation data: `{val.get('spec')}` ({val.get('n')} items)" if val else "- validation data: none",
+        "- training: " + ", ".join(f"{k} {config[k]}" for k in ("optimizer", "lr", "momentum", "epochs", "batch_size",
+                                                                 "weight_decay", "grad_clip", "freeze_bn", "seed",
+                                                                 "select") if k in config),
+        f"- chosen: λ = {sweep['chosen_lambda']}" + (f" (best validation {sweep['select_by']})" if sweep["select_by"] else ""),
+        "",
+        "| λ | final loss | task | penalty | validation accuracy % | validation loss | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    num = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for run in sweep["runs"]:
+        lam = "–" if run["lambda"] is None else f"{run['lambda']:g}"
+        lines.append(f"| {lam}{' **(chosen)**' if run['chosen'] else ''} | {num(run['final_loss'], '.4f')} | "
+                     f"{num(run['final_task'], '.4f')} | {num(run['final_penalty'], '.4g')} | "
+                     f"{_pct(run.get('val_accuracy'))} | {num(run.get('val_loss'), '.4f')} | {num(run['seconds'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_repair_report(out_dir: Path, doc: dict, render=render_repair_markdown) -> list[Path]:
+    """repair.json and repair.md (rendered by `render`) into `out_dir`."""
     out_dir = Path(out_dir)
     json_path, md_path = out_dir / "repair.json", out_dir / "repair.md"
     write_text_atomic(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-    write_text_atomic(md_path, render_repair_markdown(doc))
+    write_text_atomic(md_path, render(doc))
     return [json_path, md_path]

@@ -8,16 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run, runner
 from PIL import Image
-from typer.testing import CliRunner
 
 from modelfix.cli import app
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, ["--no-progress", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +27,6 @@ def shortcut(tmp_path_factory):
     return path
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_train_writes_checkpoint_and_card(shortcut):

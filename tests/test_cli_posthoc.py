@@ -4,18 +4,11 @@ import json
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from modelfix.checkpoint import load_model
-from modelfix.cli import app
 from modelfix.data import load_data
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, ["--no-progress", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +21,6 @@ def cnn(tmp_path_factory):
     return path
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_prune_egem_writes_a_folded_checkpoint_and_report(cnn, tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import DataError
 from .artifacts import KINDS, Artifact, CornerPatch, FixedPixels, ImagePaste, Stripe, parse_artifact
 from .dataset import Dataset
@@ -20,7 +22,7 @@ __all__ = [
     "Artifact", "CornerPatch", "FixedPixels", "ImagePaste", "Stripe", "KINDS", "parse_artifact",
     "Dataset", "LABEL_MODES", "poison", "SCENARIOS", "Scenario", "find_mnist", "load_mnist", "load_scenario",
     "load_bundle", "load_folder", "read_idx", "read_image", "read_mask", "save_bundle", "save_folder",
-    "load_data",
+    "load_data", "masks_from_bundle",
 ]
 
 
@@ -29,10 +31,14 @@ def load_data(spec, data_root=None, seed: int = 0, mask_dir=None, class_names=No
     `.safetensors` bundle, or a scenario `NAME[:SPLIT]`. An existing path wins over a scenario of the same name.
 
     `class_names` (the model's classes) maps folder and bundle classes onto the model's indices; `mask_dir` is a
-    mask folder mirroring an image folder; `data_root` and `seed` apply to scenarios.
+    mask folder mirroring an image folder, or a bundle holding the same items with their masks (what
+    `modelfix annotate -o masks.npz` writes), for any data; `data_root` and `seed` apply to scenarios.
     """
     if isinstance(spec, Dataset):
         return spec
+    if mask_dir is not None and Path(mask_dir).suffix.lower() in BUNDLE_SUFFIXES:
+        data = load_data(spec, data_root=data_root, seed=seed, class_names=class_names)
+        return masks_from_bundle(data, Path(mask_dir), class_names)
     text = str(spec)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -55,3 +61,19 @@ def load_data(spec, data_root=None, seed: int = 0, mask_dir=None, class_names=No
     if path.suffix.lower() in BUNDLE_SUFFIXES:
         raise DataError(f"bundle {path} does not exist")
     raise DataError(f"data '{text}' is neither a folder, a bundle nor a scenario (scenarios: {', '.join(SCENARIOS)})")
+
+
+def masks_from_bundle(data: Dataset, path: Path, class_names=None) -> Dataset:
+    """`data` with the masks of the bundle at `path`, which must hold the same items (images and labels) in order."""
+    if not path.is_file():
+        raise DataError(f"mask bundle {path} does not exist")
+    bundle = load_bundle(path, class_names=class_names or list(data.class_names))
+    if len(bundle) != len(data):
+        raise DataError(f"mask bundle {path} holds {len(bundle)} items but the data holds {len(data)}",
+                        hint="write the masks for exactly this data, e.g. `modelfix annotate ... --data SAME -o masks.npz`")
+    if bundle.shape != data.shape or not torch.equal(bundle.y, data.y) or \
+            not torch.allclose(bundle.x, data.x, atol=1 / 255):
+        raise DataError(f"mask bundle {path} does not hold the same images and labels as the data, in the same order")
+    info = {key: value for key, value in data.info.items() if key != "checksum"}
+    info["mask_bundle"] = str(path)
+    return data.with_(mask=bundle.mask.clone(), has_mask=bundle.has_mask.clone(), info=info)

@@ -34,7 +34,8 @@ MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-DECOY_SPLITS = ("train", "val", "train-full", "clean", "test-clean", "test-contaminated", "test-permuted")
+DECOY_SPLITS = ("train", "val", "val-permuted", "train-full", "clean", "test-clean", "test-contaminated",
+                "test-permuted")
 TEST_ALIAS = {"test": "test-clean"}
 
 
@@ -136,13 +137,14 @@ def _holdout(n: int, n_val: int, seed: int, scenario: str) -> tuple[Tensor, Tens
 def _decoy(scenario: str, split: str, seed: int, base: Dataset) -> Dataset:
     """One DecoyMNIST split from its artifact-free items `base`: the label-coloured corner patch on every
     train/val image; `clean` (the val items without the patch: the refinement pool of the post-hoc methods), and
-    clean, contaminated (true-label colour) and permuted (uniformly random colour, so 1 in 10 still matches) tests.
-    Only the patch is pasted: digit pixels are never recoloured."""
+    clean, contaminated (true-label colour) and permuted (uniformly random colour, so 1 in 10 still matches) tests;
+    `val-permuted` (the val items with a random-colour patch: where a λ sweep is chosen without touching the
+    tests). Only the patch is pasted: digit pixels are never recoloured."""
     artifact = CornerPatch()
     s = split_seed(seed, scenario, split)
     if split in ("clean", "test-clean"):
         data = base
-    elif split == "test-permuted":
+    elif split in ("test-permuted", "val-permuted"):
         data = poison(base, artifact, 1.0, "random", seed=s)
     else:  # train, val, train-full, test-contaminated
         data = poison(base, artifact, 1.0, "correlated", seed=s)
@@ -155,7 +157,7 @@ def _build_decoy_mnist(split: str, data_root, seed: int) -> Dataset:
         base = load_mnist("test", data_root, name)
     else:
         base = load_mnist("train", data_root, name)
-        if split in ("train", "val", "clean"):
+        if split in ("train", "val", "val-permuted", "clean"):
             train_idx, val_idx = _holdout(len(base), 10_000, seed, name)
             base = base.subset(train_idx if split == "train" else val_idx)
     return _decoy(name, split, seed, base)
@@ -230,11 +232,11 @@ def _build_decoy_digits(split: str, data_root, seed: int) -> Dataset:
     name = "decoy-digits"
     _, labels = _digits_20()
     train_idx, val_idx, test_idx = _stratified(labels.numpy(), (0.6, 0.1, 0.3), seed, name)
-    idx = {"train": train_idx, "val": val_idx, "clean": val_idx,
+    idx = {"train": train_idx, "val": val_idx, "val-permuted": val_idx, "clean": val_idx,
            "train-full": torch.cat([train_idx, val_idx]).sort().values}
     copies = TRAIN_COPIES if split in ("train", "train-full") else 1
     # The three test variants share one placement, so they differ only in the patch.
-    placement = "test" if split.startswith("test") else "val" if split == "clean" else split
+    placement = "test" if split.startswith("test") else "val" if split in ("clean", "val-permuted") else split
     base = _place_digits(idx.get(split, test_idx), copies, split_seed(seed, name, f"placement-{placement}"))
     return _decoy(name, split, seed, base)
 

@@ -30,6 +30,7 @@ class Method:
     paper: str
     hyperparameters: dict
     needs_masks: bool = False
+    weight: str | None = None  # the hyper-parameter `--lambda` sets (None: the method has no weight to sweep)
     train_defaults: dict = field(default_factory=dict)  # TrainConfig overrides
     build: Callable[..., object] | None = None  # finetune: build(model, loss="ce", **hyperparameters) -> objective
 
@@ -101,16 +102,16 @@ register(Method("retrain", "finetune",
                 train_defaults={"optimizer": "adam", "grad_clip": 1e-3, "freeze_bn": True},
                 build=lambda model, loss="ce": TaskObjective(loss)))
 register(Method("erm-l2", "finetune", "task loss + (l2/2)·Σθ², the honest baseline for the mask methods",
-                L2Objective.paper, dict(L2Objective.defaults),
+                L2Objective.paper, dict(L2Objective.defaults), weight="l2",
                 build=lambda model, loss="ce", **hp: L2Objective(loss=loss, **hp)))
 # TAP §1.6: SGD with momentum 0.9 (the paper's "weight decay 0.9"), lr 1e-3, for TAP, RRR and RBR alike.
 _TAP_SETUP = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9}
 register(Method("tap", "finetune", "penalise conv activations under the (progressively downscaled) spurious mask",
-                TAP.paper, dict(TAP.defaults), needs_masks=True, train_defaults=dict(_TAP_SETUP),
+                TAP.paper, dict(TAP.defaults), needs_masks=True, weight="lam", train_defaults=dict(_TAP_SETUP),
                 build=lambda model, loss="ce", **hp: TAP(loss=loss, model=model, **hp)))
 register(Method("rrr", "finetune", "penalise input gradients on the spurious mask (double backprop, ≈3× ERM)",
-                RRR.paper, dict(RRR.defaults), needs_masks=True, train_defaults=dict(_TAP_SETUP),
+                RRR.paper, dict(RRR.defaults), needs_masks=True, weight="lam", train_defaults=dict(_TAP_SETUP),
                 build=lambda model, loss="ce", **hp: RRR(loss=loss, **hp)))
 register(Method("rbr", "finetune", "penalise input gradient × influence on the spurious mask (≈12× ERM)",
-                RBR.paper, dict(RBR.defaults), needs_masks=True, train_defaults=dict(_TAP_SETUP),
+                RBR.paper, dict(RBR.defaults), needs_masks=True, weight="lam", train_defaults=dict(_TAP_SETUP),
                 build=lambda model, loss="ce", **hp: RBR(loss=loss, **hp)))

@@ -1,0 +1,114 @@
+"""The guided fine-tune benchmarks (`bench tap-mnist`, `bench cost`): parse options, call `modelfix.bench`, render.
+
+Registered on the `bench` Typer app when `modelfix.cli` is imported; no algorithms live here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import DataRootOpt, JsonOpt, _device, bench_app, handles_errors, out
+from .errors import ModelfixError
+
+
+def _names(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ModelfixError(f"{option} needs at least one name")
+    return names
+
+
+def _write_json(output: Path | None, result: dict, json_output: bool) -> bool:
+    """Write/print the JSON result; True when the caller should stop (--json)."""
+    from .report import json_safe, write_text_atomic
+
+    if output is not None:
+        write_text_atomic(output, json.dumps(json_safe(result), indent=2) + "\n")
+    if json_output:
+        print(json.dumps(json_safe(result)))
+    return json_output
+
+
+@bench_app.command("tap-mnist", epilog="Example: modelfix bench tap-mnist --data-root ../shared/data --epochs 5 --train-size 20000")
+@handles_errors
+def bench_tap_mnist(
+    scenario: Annotated[str, typer.Option("--scenario", help="A decoy scenario (decoy-mnist: the paper's; decoy-digits: no download).")] = "decoy-mnist",
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs per training run (paper: 50).")] = 5,
+    train_size: Annotated[int, typer.Option("--train-size", help="Seeded subset of the training split (0: all of it; paper: 50000).")] = 5000,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per case (paper: 5).")] = 1,
+    cases: Annotated[str, typer.Option("--cases", help="Comma-separated cases.")] = "base,no-xs,rrr,rbr,tap,tap-teacher-10,tap-teacher-1,tap-random",
+    tau: Annotated[float, typer.Option("--tau", help="Teacher/random annotation fraction.")] = 0.01,
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", help="0: as many SGD steps as a student.")] = 0,
+    test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
+    data_root: DataRootOpt = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """The TAP paper's DecoyMNIST table (tap-cnn, SGD lr 1e-3 momentum 0.9, batch 256) at a budget you choose."""
+    from .bench.tap_mnist import run
+
+    result = run(scenario=scenario, data_root=data_root, epochs=epochs, train_size=train_size or None, seeds=seeds,
+                 cases=_names(cases, "--cases"), tau=tau, teacher_epochs=teacher_epochs or None,
+                 test_size=test_size or None)
+    if _write_json(output, result, json_output):
+        return
+    s = result["settings"]
+    table = Table(title=f"{scenario}, tap-cnn, {s['epochs']} epochs × {s['train_size']} images "
+                        f"({s['student_steps']} SGD steps), {s['seeds']} seed(s): ours (paper, 50 epochs × 50k)")
+    for col in ("case", "contaminated", "permuted", "clean", "Δ perm − cont"):
+        table.add_column(col, justify="right")
+    for case, row in result["cases"].items():
+        def cell(name):
+            mine, paper = row[name], row["paper"][name][0]
+            return f"{mine['mean']:.3f} ± {mine['std']:.3f} ({paper:.3f})"
+        failed = f" [{row['failed']} failed]" if row["failed"] else ""
+        table.add_row(case + failed, cell("contaminated"), cell("permuted"), cell("clean"),
+                      f"{row['delta']['mean']:+.3f}")
+    out.print(table)
+    for key, teacher in result["teachers"].items():
+        out.print(f"{key}: {teacher['n']} clean images, {teacher['epochs']} epochs, clean accuracy "
+                  f"{teacher['accuracy_clean']['mean']:.3f} (paper {teacher['paper_accuracy_clean']:.3f})")
+    out.print(f"{result['seconds'] / 60:.1f} min")
+
+
+@bench_app.command("cost", epilog="Example: modelfix bench cost --archs mlp,tap-cnn,resnet18 --repeats 10")
+@handles_errors
+def bench_cost(
+    archs: Annotated[str, typer.Option("--archs", help="Comma-separated: mlp, tap-cnn, resnet18 (64×64).")] = "mlp,tap-cnn,resnet18",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated guided methods (ERM is always measured).")] = "erm,erm-l2,tap,rrr,rbr",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method (median reported).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds first.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads (0: leave as is).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Override the per-arch batch (0: the defaults).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Step time and peak memory of each guided method relative to ERM, same model and batch, in one run."""
+    from .bench.cost import run
+
+    result = run(archs=_names(archs, "--archs"), methods=_names(methods, "--methods"), repeats=repeats,
+                 threads=threads or None, warmup=warmup, batch_size=batch_size or None, device=_device(device))
+    if _write_json(output, result, json_output):
+        return
+    for arch, block in result["archs"].items():
+        c, h, w = block["input"]
+        table = Table(title=f"{arch} {c}×{h}×{w}, batch {block['batch_size']}, {result['device']}, "
+                            f"{result['threads']} thread(s), median of {result['repeats']} steps")
+        for col in ("method", "step ms", "× ERM time", "peak MB", "× ERM memory", "target", "met"):
+            table.add_column(col, justify="right")
+        for row in block["rows"]:
+            if "error" in row:
+                table.add_row(row["method"], "–", "–", "–", "–", "–", row["error"][:60])
+                continue
+            target = row.get("target")
+            table.add_row(row["method"], f"{row['step_ms']:.1f}", f"{row['ratio_time']:.2f}", f"{row['peak_mb']:.1f}",
+                          f"{row['ratio_mem']:.2f}", f"≤ {target:g}" if target else "",
+                          ("yes" if row["meets_target"] else "no") if target else "")
+        out.print(table)
+    out.print(f"memory: {result['memory']}")

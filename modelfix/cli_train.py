@@ -1,0 +1,339 @@
+"""The training commands: `train` (random init), `finetune` (a checkpoint), `annotate` (teacher masks), `methods`.
+
+`train --method M` and `finetune --method M` run the same registered objective through the one training loop and
+the same λ sweep (`repair.finetune`); they differ only in where the weights start. Registered on the main Typer
+app when `modelfix.cli` is imported; no algorithms live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
+                  NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _floats, _load, app,
+                  handles_errors, out)
+from .errors import ModelfixError
+
+# ---- options shared by train and finetune ---------------------------------------------------------------------------
+
+MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr or rbr (see `modelfix methods`).", rich_help_panel="Method")]
+LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weight; a comma-separated list runs a sweep chosen on --val (default: the method's).", rich_help_panel="Method")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-separated module names to hook (default: per architecture family).", rich_help_panel="Method")]
+TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]
+TargetOpt = Annotated[Optional[str], typer.Option("--rrr-target", help="RRR: log-prob-sum (Ross/TAP, default), loss (R4) or logit-sum (Heo).", rich_help_panel="Method")]
+ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation data: per-epoch accuracy, --select best, and the choice between several --lambda values.", rich_help_panel="Data")]
+SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values by validation accuracy or loss.", rich_help_panel="Method")]
+DataOpt = Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")]
+OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (with momentum), adam or adamw (default: the method's, else adam).", rich_help_panel="Training")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: the method's, else 1e-3).", rich_help_panel="Training")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", rich_help_panel="Training")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Training")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", rich_help_panel="Training")]
+MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum (default 0.9).", rich_help_panel="Training")]
+LossOpt = Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")]
+GradClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm (default: the method's, else none).", rich_help_panel="Training")]
+SelectOpt = Annotated[str, typer.Option("--select", help="final, or best (best validation accuracy) epoch of each run.", rich_help_panel="Training")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write repair.json and repair.md into this folder.", rich_help_panel="Output")]
+
+
+def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select):
+    """TrainConfig: built-in defaults < the method's `train_defaults` < what the user passed."""
+    from .training import TrainConfig
+
+    given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum}
+    fields = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, **method.train_defaults,
+              **{k: v for k, v in given.items() if v is not None}}
+    return TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, seed=seed, loss=loss,
+                       select=select, **fields)
+
+
+def _hparams(method, layers, tap_norm, rrr_target) -> dict:
+    """Method options the user gave, each refused on a method it does not apply to."""
+    given = {"layers": ("--layers", layers), "norm": ("--tap-norm", tap_norm), "target": ("--rrr-target", rrr_target)}
+    hparams = {}
+    for key, (option, value) in given.items():
+        if value is None:
+            continue
+        if key not in method.hyperparameters:
+            raise ModelfixError(f"{option} does not apply to method '{method.name}'")
+        hparams[key] = value
+    return hparams
+
+
+def _finetune_method(name: str):
+    from .repair.methods import get_method
+
+    method = get_method(name)
+    if method.kind != "finetune":
+        raise ModelfixError(f"'{name}' is a post-hoc method; it runs through its own command",
+                            hint="prune-egem for egem/pca-egem/egem-full, refit for rgem/ridge")
+    return method
+
+
+def _sweep(model, card, method, data_spec, masks, val_spec, lambdas, hparams, config, select_by, data_root, seed):
+    """Load the data, check it against the model, run the λ sweep; returns (result, train data, val data)."""
+    from .repair.finetune import finetune
+
+    train_data = _data(data_spec, data_root, seed, masks, class_names=card.class_names)
+    _check_fits(train_data, card, data_spec)
+    val_data = None
+    if val_spec:
+        val_data = _data(val_spec, data_root, seed, class_names=card.class_names)
+        _check_fits(val_data, card, val_spec)
+    result = finetune(model, train_data, method.name, config, lambdas=_floats(lambdas, "--lambda"), hparams=hparams,
+                      val=val_data, select_by=select_by)
+    return result, train_data, val_data
+
+
+def _document(command, method, model_ref, output, config, hparams, sweep, data_spec, train_data, masks, val_spec,
+              val_data) -> dict:
+    from .report import json_safe
+
+    return json_safe({
+        "schema": "modelfix.finetune/v1", "command": command, "method": method.name, "paper": method.paper,
+        "model": model_ref, "output": str(output), "config": config.to_dict(), "hyperparameters": hparams,
+        "data": {**_data_info(data_spec, train_data), "masks": str(masks) if masks else None,
+                 "with_mask": int(train_data.has_mask.sum())},
+        "val": _data_info(val_spec, val_data) if val_data is not None else None,
+        "sweep": sweep.to_dict(),
+    })
+
+
+def _print_sweep(doc: dict) -> None:
+    sweep = doc["sweep"]
+    table = Table(title=f"{doc['command']} --method {doc['method']}: "
+                        f"{len(sweep['runs'])} run(s), chosen by {sweep['select_by'] or '– (one run)'}")
+    for col in ("λ", "final loss", "task", "penalty", "val acc %", "val loss", "s"):
+        table.add_column(col, justify="right")
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for run in sweep["runs"]:
+        lam = "–" if run["lambda"] is None else f"{run['lambda']:g}"
+        table.add_row(lam + (" ←" if run["chosen"] else ""), fmt(run["final_loss"], ".4f"), fmt(run["final_task"], ".4f"),
+                      fmt(run["final_penalty"], ".4g"),
+                      fmt(None if run.get("val_accuracy") is None else 100 * run["val_accuracy"], ".2f"),
+                      fmt(run.get("val_loss"), ".4f"), fmt(run["seconds"], ".1f"))
+    out.print(table)
+
+
+def _write(model, card, output, doc, report, json_output, inputs) -> None:
+    from .checkpoint import save_model
+    from .report import render_finetune_markdown, write_repair_report
+
+    save_model(model.cpu(), card, output, inputs=inputs)
+    if report is not None:
+        write_repair_report(report, doc, render_finetune_markdown)
+    if json_output:
+        print(json.dumps(doc))
+        return
+    _print_sweep(doc)
+    if "train_accuracy" in doc:
+        out.print(f"training accuracy {100 * doc['train_accuracy']:.2f} %")
+    out.print(f"wrote {output}" + (f" and {report}/repair.md" if report is not None else ""))
+
+
+def _check_output(output: Path) -> None:
+    if output.suffix != ".safetensors":
+        raise ModelfixError(f"-o {output}: the output must be a .safetensors file")
+
+
+# ---- commands -----------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: modelfix train --arch mlp --data decoy-digits:train -o runs/shortcut.safetensors")
+@handles_errors
+def train(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the trained .safetensors.", rich_help_panel="Output")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (see `modelfix archs`).", rich_help_panel="Model")] = "mlp",
+    data: DataOpt = "decoy-digits:train",
+    val: ValOpt = None,
+    masks: MasksOpt = None,
+    data_root: DataRootOpt = None,
+    method: MethodOpt = "erm",
+    lambdas: LambdaOpt = None,
+    layers: LayersOpt = None,
+    tap_norm: TapNormOpt = None,
+    rrr_target: TargetOpt = None,
+    select_by: SelectByOpt = "accuracy",
+    optimizer: OptimizerOpt = None,
+    lr: LrOpt = None,
+    epochs: EpochsOpt = 10,
+    batch_size: BatchSizeOpt = 128,
+    weight_decay: WeightDecayOpt = 0.0,
+    momentum: MomentumOpt = None,
+    loss: LossOpt = "ce",
+    grad_clip: GradClipOpt = None,
+    select: SelectOpt = "final",
+    report: ReportOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Train a model from random initialisation, with plain ERM or a guided objective (how the papers train)."""
+    import torch
+
+    from .card import InputSpec, ModelCard
+    from .training import accuracy
+    from .zoo import build_model, default_input_spec
+
+    entry = _finetune_method(method)
+    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target)
+    _check_output(output)
+    dev = _device(device)
+    base = default_input_spec(arch)
+    probe = _data(data, data_root, seed, masks)  # the data decide channels, size and classes of a new model
+    c, h, w = probe.shape
+    spec = InputSpec(channels=c, height=h, width=w,
+                     mean=_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
+                     std=_floats(std, "--std") or (base.std if len(base.std) in (1, c) else (base.std[0],)))
+    card = ModelCard(arch=arch, num_classes=probe.num_classes, input=spec, class_names=list(probe.class_names),
+                     artifact=probe.info.get("artifact"),
+                     dataset={"spec": data, "checksum": probe.checksum(), "n": len(probe),
+                              "seed": seed, "scenario": probe.info.get("scenario")},
+                     provenance={"source": "random initialisation"})
+    torch.manual_seed(seed)
+    model = build_model(card).to(dev)
+    sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
+                                         data_root, seed)
+    doc = _document("train", entry, f"random init ({arch}, seed {seed})", output, config, hparams, sweep, data,
+                    train_data, masks, val, val_data)
+    doc["train_accuracy"] = accuracy(sweep.model, train_data)
+    card = card.with_history({"command": "train", "method": method, "config": config.to_dict(), "data": data,
+                              "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]})
+    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks) if p])
+
+
+@app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
+@handles_errors
+def finetune(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned .safetensors.", rich_help_panel="Output")],
+    method: MethodOpt = "tap",
+    data: DataOpt = "decoy-digits:train",
+    masks: MasksOpt = None,
+    val: ValOpt = None,
+    data_root: DataRootOpt = None,
+    lambdas: LambdaOpt = None,
+    layers: LayersOpt = None,
+    tap_norm: TapNormOpt = None,
+    rrr_target: TargetOpt = None,
+    select_by: SelectByOpt = "accuracy",
+    optimizer: OptimizerOpt = None,
+    lr: LrOpt = None,
+    epochs: EpochsOpt = 5,
+    batch_size: BatchSizeOpt = 128,
+    weight_decay: WeightDecayOpt = 0.0,
+    momentum: MomentumOpt = None,
+    loss: LossOpt = "ce",
+    grad_clip: GradClipOpt = None,
+    select: SelectOpt = "final",
+    report: ReportOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    in_channels: InChannelsOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR) or a baseline (retrain, erm-l2, erm)."""
+    from .checkpoint import sha256_file
+
+    entry = _finetune_method(method)
+    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target)
+    _check_output(output)
+    model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
+    sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
+                                         data_root, seed)
+    doc = _document("finetune", entry, str(model_path), output, config, hparams, sweep, data, train_data, masks, val,
+                    val_data)
+    history = {"command": "finetune", "method": method, "config": config.to_dict(), "data": data, "masks": str(masks) if masks else None,
+               "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]}
+    new_card = dataclasses.replace(card.with_history(history),
+                                   provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
+                                               "parent_card": card.fingerprint()})
+    _write(sweep.model, new_card, output, doc, report, json_output,
+           [model_path, *(Path(p) for p in (data, val, masks) if p)])
+
+
+@app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")
+@handles_errors
+def annotate(
+    teacher_path: Annotated[Path, typer.Argument(metavar="TEACHER", help="A model trained on a small clean split (a .safetensors checkpoint).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new mask folder mirroring an image folder, or a .npz/.safetensors bundle (any data).", rich_help_panel="Output")],
+    data: DataOpt = "decoy-digits:train",
+    tau: Annotated[float, typer.Option("--tau", help="Fraction of pixels per image to mark: the τ·H·W least salient ones.")] = 0.01,
+    random: Annotated[bool, typer.Option("--random", help="Random annotation baseline: τ·H·W random pixels per image (the teacher is only used for its classes and input size).")] = False,
+    data_root: DataRootOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 256,
+    trust_checkpoint: TrustOpt = False,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    in_channels: InChannelsOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Teacher masks: per image, the τ-fraction of pixels with the lowest input-gradient saliency of the teacher."""
+    from .repair.annotate import annotate as run_annotate
+    from .repair.annotate import check_tau, mask_size, write_masks
+
+    check_tau(tau)
+    if batch_size < 1:
+        raise ModelfixError(f"--batch-size must be at least 1, not {batch_size}")
+    model, card = _load(teacher_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
+    dataset = _data(data, data_root, seed, class_names=card.class_names)
+    _check_fits(dataset, card, data)
+    masked = run_annotate(None if random else model, dataset, tau=tau, random=random, seed=seed, batch_size=batch_size)
+    written = write_masks(masked, output)
+    _, h, w = dataset.shape
+    summary = {"output": str(written), "images": len(dataset), "tau": tau, "pixels_per_image": mask_size(tau, h * w),
+               "kind": "random" if random else "teacher-saliency", "teacher": str(teacher_path)}
+    if json_output:
+        print(json.dumps(summary))
+        return
+    out.print(f"wrote {summary['pixels_per_image']} {'random' if random else 'least-salient'} pixels per image for "
+              f"{len(dataset)} images to {written}")
+
+
+@app.command("methods")
+@handles_errors
+def methods_cmd(json_output: JsonOpt = False) -> None:
+    """Every repair method: what it does, its paper, its hyper-parameters and defaults."""
+    from rich.markup import escape
+
+    from .repair.methods import METHODS
+
+    rows = [{"name": m.name, "kind": m.kind, "summary": m.summary, "paper": m.paper, "needs_masks": m.needs_masks,
+             "lambda": m.weight, "hyperparameters": m.hyperparameters, "train_defaults": m.train_defaults}
+            for m in METHODS.values()]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    for kind, command in (("posthoc", "post-hoc: `prune-egem` / `refit`"), ("finetune", "fine-tunes: `finetune` / `train --method`")):
+        out.print(f"[bold]{command}[/bold]", markup=True, highlight=False)
+        for row in (r for r in rows if r["kind"] == kind):
+            hp = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items()) or "none"
+            out.print(f"  [bold]{row['name']}[/bold]: {escape(row['summary'])}" + (" (needs masks)" if row["needs_masks"] else ""),
+                      markup=True, highlight=False)
+            out.print(f"      paper: {row['paper']}", highlight=False)
+            out.print(f"      hyper-parameters: {hp}" + (f"; --lambda sets {row['lambda']}" if row["lambda"] else ""),
+                      highlight=False)
+            if row["train_defaults"]:
+                out.print("      training defaults: " + ", ".join(f"{k}={v}" for k, v in row["train_defaults"].items()),
+                          highlight=False)

@@ -21,6 +21,7 @@ from modelfix.errors import ModelfixError
 from modelfix.repair.guidance import (RBR, RRR, TAP, L2Objective, default_tap_layers, downscale_masks, eval_mode,
                                       influence_input_gradient, input_gradient, l2_penalty, network_input,
                                       tap_penalty)
+from modelfix.repair.guidance.rrr import mode_invariant
 from modelfix.training import TaskObjective
 from modelfix.zoo import Classifier, build_model, build_net, default_input_spec
 
@@ -98,6 +99,53 @@ def test_rrr_penalty_gradient_matches_finite_differences(target):
     model, batch = tiny_model().double().eval(), tiny_batch(F64)
     rrr = RRR(target=target)
     assert_fd_gradient(model, lambda m: rrr.penalty(m, batch))
+
+
+@pytest.mark.parametrize("target", ["log-prob-sum", "loss", "logit-sum"])
+def test_rrr_shared_forward_pass_gradient_matches_finite_differences(target):
+    model, batch = tiny_model().double().eval(), tiny_batch(F64)
+    rrr = RRR(target=target)
+    assert mode_invariant(model)
+    assert_fd_gradient(model, lambda m: rrr.terms(m, batch)[1])
+
+
+def _grads(model, scalar):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(scalar, list(model.parameters()))])
+
+
+@pytest.mark.parametrize("target", ["log-prob-sum", "loss", "logit-sum"])
+def test_rrr_shared_forward_pass_is_exactly_the_two_pass_penalty(target):
+    """On a mode-invariant model the training pass serves the input gradient: same values, same gradients."""
+    model, batch = tiny_model().double().train(), tiny_batch(F64)
+    rrr = RRR(lam=0.7, target=target)
+    task, shared = rrr.terms(model, batch)
+    two_pass = rrr.penalty(model, batch)
+    assert value(shared) == pytest.approx(value(two_pass), rel=1e-12)
+    assert torch.allclose(_grads(model, task + 0.7 * shared), _grads(model, rrr.loss_fn(model(batch["x"]), batch["y"]) + 0.7 * two_pass), rtol=1e-10, atol=1e-14)
+
+
+def test_rbr_shared_forward_pass_is_exactly_the_two_pass_penalty(monkeypatch):
+    import modelfix.repair.guidance.rbr as rbr_module
+
+    model, batch = tiny_model().double().train(), tiny_batch(F64)
+    rbr = RBR(lam=3.0)
+    task, shared = rbr.terms(model, batch)
+    monkeypatch.setattr(rbr_module, "mode_invariant", lambda m: False)
+    task2, two_pass = rbr.terms(model, batch)
+    assert value(shared) > 0 and value(shared) == pytest.approx(value(two_pass), rel=1e-12)
+    assert torch.allclose(_grads(model, task + shared), _grads(model, task2 + two_pass), rtol=1e-10, atol=1e-14)
+
+
+def test_mode_invariant_only_for_modules_whose_forward_ignores_the_mode():
+    assert mode_invariant(tiny_model())
+    for extra in (nn.BatchNorm2d(2), nn.Dropout(0.1), nn.InstanceNorm2d(2, track_running_stats=True)):
+        assert not mode_invariant(nn.Sequential(nn.Conv2d(1, 2, 3), extra))
+
+    class Custom(nn.Module):  # not from torch.nn or modelfix: its forward might read self.training
+        def forward(self, x):
+            return x
+
+    assert not mode_invariant(nn.Sequential(nn.Conv2d(1, 2, 3), Custom()))
 
 
 def test_rbr_penalty_gradient_matches_finite_differences():

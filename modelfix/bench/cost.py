@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import statistics
 import time
 
@@ -102,6 +103,7 @@ def _sync(device: torch.device) -> None:
 def _cpu_transient_peak(runner: _Runner) -> int:
     """Max running total of bytes allocated during one step (zero_grad done before the window opens, so no
     tensor from before the window is freed inside it)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # else kineto prints profiler_start/stop lines on stderr
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

@@ -3,7 +3,8 @@ computed in full (methods_guided_finetunes.md §1.4, §6 item 5, §7 item 12).
 
     L_RBR = Σ_{b,i} (M_bi · g_bi · IF_bi)²          batch SUM, no mask renormalisation (as TAP; λ ≈ 1e4 assumes it)
 
-- g = Σ_c ∂(Σ_k log p_k)/∂z, RRR's `log-prob-sum` input gradient from an eval-mode second pass (rrr.py);
+- g = Σ_c ∂(Σ_k log p_k)/∂z, RRR's `log-prob-sum` input gradient in eval mode (rrr.py: from the training pass on a
+  mode-invariant model, else from a second pass);
 - IF = Σ_c ∂/∂z [ Σ_{every parameter entry p} ∂L_task/∂θ_p ], a cheap scalarisation of the influence function,
   where L_task is the batch-mean task loss of the training-mode forward pass (the same one the task term uses).
 
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from modelfix.errors import UnsupportedModel
-from modelfix.repair.guidance.rrr import check_weight, input_gradient, network_input, pixel_mask
+from modelfix.repair.guidance.rrr import (check_weight, explained_scalar, input_gradient, mode_invariant, network_input,
+                                          pixel_mask)
 from modelfix.training import task_loss
 
 PAPER = ('Shao, Skryagin, Stammer, Schramowski, Kersting, AAAI 2021, "Right for Better Reasons: Training '
@@ -65,7 +67,8 @@ class RBR:
         x, y = batch["x"], batch["y"]
         mask = pixel_mask(batch, x.dtype)
         net, z = network_input(model, x)  # z requires grad before the forward pass that builds the task loss
-        task = self.loss_fn(net(z), y)
+        logits = net(z)
+        task = self.loss_fn(logits, y)
         if bool(mask.any()):
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
                 # torch has no third-order derivative of train-mode batch norm; fail in one line, not deep in autograd
@@ -73,7 +76,11 @@ class RBR:
                                        hint="freeze BatchNorm (TrainConfig freeze_bn=True) or use another method")
             params = [p for p in model.parameters() if p.requires_grad]
             influence = influence_input_gradient(task, z, params)
-            penalty = rbr_penalty(input_gradient(model, x, y, "log-prob-sum", self.loss), influence, mask)
+            if mode_invariant(model):  # the training pass is the eval pass: reuse it for g (rrr.py)
+                (grad,) = torch.autograd.grad(explained_scalar(logits, y, "log-prob-sum"), z, create_graph=True)
+            else:
+                grad = input_gradient(model, x, y, "log-prob-sum", self.loss)
+            penalty = rbr_penalty(grad, influence, mask)
         else:  # nothing to penalise: skip the third-order pass (exactly 0)
             penalty = x.new_zeros(())
         return task, penalty

@@ -483,7 +483,7 @@ def bench_egem_mnist(
                   f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
 
 
-from . import cli_bench_guided, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
+from . import cli_bench_guided, cli_crayon, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
 
 
 def main() -> None:

@@ -23,6 +23,22 @@ def _names(text: str, option: str) -> tuple[str, ...]:
     return names
 
 
+def _case_values(text: str | None) -> dict:
+    """'rbr=10,tap=1e-3' -> {"rbr": 10.0, "tap": 0.001}."""
+    values = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        case, sep, value = part.partition("=")
+        try:
+            values[case.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ModelfixError(f"--lambda must look like case=value[,case=value], not '{part.strip()}'")
+    return values
+
+
 def _write_json(output: Path | None, result: dict, json_output: bool) -> bool:
     """Write/print the JSON result; True when the caller should stop (--json)."""
     from .report import json_safe, write_text_atomic
@@ -45,6 +61,7 @@ def bench_tap_mnist(
     tau: Annotated[float, typer.Option("--tau", help="Teacher/random annotation fraction.")] = 0.01,
     teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", help="0: as many SGD steps as a student.")] = 0,
     test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
+    lambdas: Annotated[Optional[str], typer.Option("--lambda", help="Per-case penalty weights, e.g. rbr=10,tap=1e-3 (default: the paper's).")] = None,
     data_root: DataRootOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
     json_output: JsonOpt = False,
@@ -54,7 +71,7 @@ def bench_tap_mnist(
 
     result = run(scenario=scenario, data_root=data_root, epochs=epochs, train_size=train_size or None, seeds=seeds,
                  cases=_names(cases, "--cases"), tau=tau, teacher_epochs=teacher_epochs or None,
-                 test_size=test_size or None)
+                 test_size=test_size or None, lambdas=_case_values(lambdas))
     if _write_json(output, result, json_output):
         return
     s = result["settings"]

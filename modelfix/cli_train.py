@@ -27,6 +27,10 @@ LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weig
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-separated module names to hook (default: per architecture family).", rich_help_panel="Method")]
 TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]
 TargetOpt = Annotated[Optional[str], typer.Option("--rrr-target", help="RRR: log-prob-sum (Ross/TAP, default), loss (R4) or logit-sum (Heo).", rich_help_panel="Method")]
+FeedbackOpt = Annotated[Optional[Path], typer.Option("--feedback", help="crayon-attention: yes/no/maybe verdicts per training sample (samples.csv, YAML or JSON).", rich_help_panel="Method")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="crayon-attention: weight of the yes-sample term (default 0).", rich_help_panel="Method")]
+BetaOpt = Annotated[Optional[float], typer.Option("--beta", help="crayon-attention: weight of the no-sample term (default 30; --lambda sweeps it).", rich_help_panel="Method")]
+CrayonLossOpt = Annotated[Optional[str], typer.Option("--crayon-loss", help="crayon-attention: preprint (default) or normalized (the released code's variant).", rich_help_panel="Method")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation data: per-epoch accuracy, --select best, and the choice between several --lambda values.", rich_help_panel="Data")]
 SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values by validation accuracy or loss.", rich_help_panel="Method")]
 DataOpt = Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")]
@@ -34,7 +38,7 @@ OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (w
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: the method's, else 1e-3).", rich_help_panel="Training")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", rich_help_panel="Training")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Training")]
-WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", rich_help_panel="Training")]
+WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: the method's, else 0).", rich_help_panel="Training")]
 MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum (default 0.9).", rich_help_panel="Training")]
 LossOpt = Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")]
 GradClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm (default: the method's, else none).", rich_help_panel="Training")]
@@ -43,19 +47,20 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write 
 
 
 def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select):
-    """TrainConfig: built-in defaults < the method's `train_defaults` < what the user passed."""
+    """TrainConfig: its own defaults < the method's `train_defaults` < what the user passed (None: not passed)."""
     from .training import TrainConfig
 
-    given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum}
-    fields = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, **method.train_defaults,
-              **{k: v for k, v in given.items() if v is not None}}
-    return TrainConfig(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, seed=seed, loss=loss,
-                       select=select, **fields)
+    given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum,
+             "weight_decay": weight_decay}
+    fields = {**method.train_defaults, **{k: v for k, v in given.items() if v is not None}}
+    return TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, loss=loss, select=select, **fields)
 
 
-def _hparams(method, layers, tap_norm, rrr_target) -> dict:
+def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon_loss=None) -> dict:
     """Method options the user gave, each refused on a method it does not apply to."""
-    given = {"layers": ("--layers", layers), "norm": ("--tap-norm", tap_norm), "target": ("--rrr-target", rrr_target)}
+    layer_key = "layer" if "layer" in method.hyperparameters else "layers"  # Grad-CAM takes one layer, TAP several
+    given = {layer_key: ("--layers", layers), "norm": ("--tap-norm", tap_norm), "target": ("--rrr-target", rrr_target),
+             "alpha": ("--alpha", alpha), "beta": ("--beta", beta), "variant": ("--crayon-loss", crayon_loss)}
     hparams = {}
     for key, (option, value) in given.items():
         if value is None:
@@ -76,12 +81,22 @@ def _finetune_method(name: str):
     return method
 
 
-def _sweep(model, card, method, data_spec, masks, val_spec, lambdas, hparams, config, select_by, data_root, seed):
+def _sweep(model, card, method, data_spec, masks, val_spec, lambdas, hparams, config, select_by, data_root, seed,
+           feedback=None):
     """Load the data, check it against the model, run the λ sweep; returns (result, train data, val data)."""
     from .repair.finetune import finetune
 
     train_data = _data(data_spec, data_root, seed, masks, class_names=card.class_names)
     _check_fits(train_data, card, data_spec)
+    if "verdicts" in method.hyperparameters:  # feedback methods get the data and one verdict per item
+        if feedback is None:
+            raise ModelfixError(f"method '{method.name}' needs --feedback FILE (yes/no/maybe per training sample)",
+                                hint="`modelfix feedback saliency` writes a blank samples.csv; `feedback simulate` fills one")
+        from .feedback import read_sample_feedback
+
+        hparams = {**hparams, "data": train_data, "verdicts": read_sample_feedback(feedback).for_data(train_data)}
+    elif feedback is not None:
+        raise ModelfixError(f"--feedback does not apply to method '{method.name}'", hint="it feeds crayon-attention")
     val_data = None
     if val_spec:
         val_data = _data(val_spec, data_root, seed, class_names=card.class_names)
@@ -92,14 +107,14 @@ def _sweep(model, card, method, data_spec, masks, val_spec, lambdas, hparams, co
 
 
 def _document(command, method, model_ref, output, config, hparams, sweep, data_spec, train_data, masks, val_spec,
-              val_data) -> dict:
+              val_data, feedback=None) -> dict:
     from .report import json_safe
 
     return json_safe({
         "schema": "modelfix.finetune/v1", "command": command, "method": method.name, "paper": method.paper,
         "model": model_ref, "output": str(output), "config": config.to_dict(), "hyperparameters": hparams,
         "data": {**_data_info(data_spec, train_data), "masks": str(masks) if masks else None,
-                 "with_mask": int(train_data.has_mask.sum())},
+                 "with_mask": int(train_data.has_mask.sum()), "feedback": str(feedback) if feedback else None},
         "val": _data_info(val_spec, val_data) if val_data is not None else None,
         "sweep": sweep.to_dict(),
     })
@@ -159,12 +174,16 @@ def train(
     layers: LayersOpt = None,
     tap_norm: TapNormOpt = None,
     rrr_target: TargetOpt = None,
+    feedback: FeedbackOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    crayon_loss: CrayonLossOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
     epochs: EpochsOpt = 10,
     batch_size: BatchSizeOpt = 128,
-    weight_decay: WeightDecayOpt = 0.0,
+    weight_decay: WeightDecayOpt = None,
     momentum: MomentumOpt = None,
     loss: LossOpt = "ce",
     grad_clip: GradClipOpt = None,
@@ -185,7 +204,7 @@ def train(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss)
     _check_output(output)
     dev = _device(device)
     base = default_input_spec(arch)
@@ -202,13 +221,13 @@ def train(
     torch.manual_seed(seed)
     model = build_model(card).to(dev)
     sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
-                                         data_root, seed)
+                                         data_root, seed, feedback)
     doc = _document("train", entry, f"random init ({arch}, seed {seed})", output, config, hparams, sweep, data,
-                    train_data, masks, val, val_data)
+                    train_data, masks, val, val_data, feedback)
     doc["train_accuracy"] = accuracy(sweep.model, train_data)
     card = card.with_history({"command": "train", "method": method, "config": config.to_dict(), "data": data,
                               "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]})
-    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks) if p])
+    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks, feedback) if p])
 
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
@@ -225,12 +244,16 @@ def finetune(
     layers: LayersOpt = None,
     tap_norm: TapNormOpt = None,
     rrr_target: TargetOpt = None,
+    feedback: FeedbackOpt = None,
+    alpha: AlphaOpt = None,
+    beta: BetaOpt = None,
+    crayon_loss: CrayonLossOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
     epochs: EpochsOpt = 5,
     batch_size: BatchSizeOpt = 128,
-    weight_decay: WeightDecayOpt = 0.0,
+    weight_decay: WeightDecayOpt = None,
     momentum: MomentumOpt = None,
     loss: LossOpt = "ce",
     grad_clip: GradClipOpt = None,
@@ -252,20 +275,20 @@ def finetune(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss)
     _check_output(output)
     model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
     sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
-                                         data_root, seed)
+                                         data_root, seed, feedback)
     doc = _document("finetune", entry, str(model_path), output, config, hparams, sweep, data, train_data, masks, val,
-                    val_data)
+                    val_data, feedback)
     history = {"command": "finetune", "method": method, "config": config.to_dict(), "data": data, "masks": str(masks) if masks else None,
                "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]}
     new_card = dataclasses.replace(card.with_history(history),
                                    provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
                                                "parent_card": card.fingerprint()})
     _write(sweep.model, new_card, output, doc, report, json_output,
-           [model_path, *(Path(p) for p in (data, val, masks) if p)])
+           [model_path, *(Path(p) for p in (data, val, masks, feedback) if p)])
 
 
 @app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")
@@ -319,9 +342,11 @@ def methods_cmd(json_output: JsonOpt = False) -> None:
 
     from .repair.methods import METHODS
 
+    inputs = ("data", "verdicts")  # filled from --data and --feedback, not options
     rows = [{"name": m.name, "kind": m.kind, "summary": m.summary, "paper": m.paper, "needs_masks": m.needs_masks,
-             "lambda": m.weight, "hyperparameters": m.hyperparameters, "train_defaults": m.train_defaults}
-            for m in METHODS.values()]
+             "needs_feedback": "verdicts" in m.hyperparameters, "lambda": m.weight,
+             "hyperparameters": {k: v for k, v in m.hyperparameters.items() if k not in inputs},
+             "train_defaults": m.train_defaults} for m in METHODS.values()]
     if json_output:
         print(json.dumps(rows))
         return
@@ -329,7 +354,8 @@ def methods_cmd(json_output: JsonOpt = False) -> None:
         out.print(f"[bold]{command}[/bold]", markup=True, highlight=False)
         for row in (r for r in rows if r["kind"] == kind):
             hp = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items()) or "none"
-            out.print(f"  [bold]{row['name']}[/bold]: {escape(row['summary'])}" + (" (needs masks)" if row["needs_masks"] else ""),
+            needs = " (needs masks)" if row["needs_masks"] else " (needs --feedback)" if row["needs_feedback"] else ""
+            out.print(f"  [bold]{row['name']}[/bold]: {escape(row['summary'])}" + needs,
                       markup=True, highlight=False)
             out.print(f"      paper: {row['paper']}", highlight=False)
             out.print(f"      hyper-parameters: {hp}" + (f"; --lambda sets {row['lambda']}" if row["lambda"] else ""),

@@ -180,6 +180,34 @@ def render_finetune_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_crayon_markdown(doc: dict) -> str:
+    """The CRAYON-PRUNING report: which channels were pruned on whose verdicts, and the last-layer fine-tune."""
+    trace, config = doc["trace"], doc["config"]
+    pruned = trace.get("pruned", [])
+    shown = ", ".join(map(str, pruned[:40])) + (f", … ({len(pruned)} in all)" if len(pruned) > 40 else "")
+    lines = [
+        f"# modelfix prune-crayon: {trace['method']}",
+        "",
+        f"- model: `{doc['model']}` → `{doc['output']}` (a stock checkpoint: the pruned channels are zero columns "
+        f"of `{trace.get('linear')}`)",
+        f"- feedback: `{config['feedback']}` ({trace['feedback']['no']} no, {trace['feedback']['keep']} keep)",
+        f"- layer `{trace.get('layer')}`: pruned {trace.get('n_pruned')} of {trace.get('n_channels')} channels: {shown or 'none'}",
+        f"- data: `{doc['data'].get('spec')}` ({doc['data'].get('n')} items)",
+        f"- last-layer fine-tune: Adam lr {config['lr']}, weight decay {config['weight_decay']}, {config['epochs']} "
+        f"epochs, batch {config['batch_size']}, seed {config['seed']}",
+        "",
+        "| stage | training loss | training accuracy % |",
+        "|---|---:|---:|",
+    ]
+    for stage, key in (("original", "before"), ("channels zeroed", "pruned")):
+        if f"loss_{key}" in trace:
+            lines.append(f"| {stage} | {trace[f'loss_{key}']:.4f} | {_pct(trace.get(f'accuracy_{key}'))} |")
+    if "final_loss" in trace:
+        lines.append(f"| after the fine-tune | {trace['final_loss']:.4f} | {_pct(trace.get('accuracy_after'))} |")
+    lines += [""] + [f"- warning: {w}" for w in trace.get("warnings", [])]
+    return "\n".join(lines) + "\n"
+
+
 def write_repair_report(out_dir: Path, doc: dict, render=render_repair_markdown) -> list[Path]:
     """repair.json and repair.md (rendered by `render`) into `out_dir`."""
     out_dir = Path(out_dir)

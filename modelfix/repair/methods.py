@@ -14,6 +14,7 @@ from torch import nn
 
 from modelfix.errors import ModelfixError
 from modelfix.repair.guidance import RBR, RRR, TAP, L2Objective
+from modelfix.repair.guidance.crayon_attention import CrayonAttention
 from modelfix.training import TaskObjective
 
 EGEM_PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
@@ -115,3 +116,11 @@ register(Method("rrr", "finetune", "penalise input gradients on the spurious mas
 register(Method("rbr", "finetune", "penalise input gradient × influence on the spurious mask (≈12× ERM)",
                 RBR.paper, dict(RBR.defaults), needs_masks=True, weight="lam", train_defaults=dict(_TAP_SETUP),
                 build=lambda model, loss="ce", **hp: RBR(loss=loss, **hp)))
+
+# CRAYON-ATTENTION (methods_posthoc.md §6.2, §6.6): `data` and `verdicts` (the yes/no/maybe feedback, one per
+# training item) come in as hyper-parameters, so they are listed here with default None. --lambda sweeps β.
+register(Method("crayon-attention", "finetune",
+                "CE + α·attention of yes-samples outside their original map + β·attention of no-samples inside it",
+                CrayonAttention.paper, {**CrayonAttention.defaults, "data": None, "verdicts": None},
+                needs_masks=False, weight="beta", train_defaults={"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4},
+                build=lambda model, loss="ce", **hp: CrayonAttention(model=model, loss=loss, **hp)))

@@ -129,3 +129,45 @@ def bench_cost(
                           ("yes" if row["meets_target"] else "no") if target else "")
         out.print(table)
     out.print(f"memory: {result['memory']}")
+
+
+@bench_app.command("crayon-mnist", epilog="Example: modelfix bench crayon-mnist --data-root ../shared/data --beta 3")
+@handles_errors
+def bench_crayon_mnist(
+    scenario: Annotated[str, typer.Option("--scenario", help="A decoy scenario (decoy-mnist: the paper's; decoy-digits: no download).")] = "decoy-mnist",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (paper: 5).")] = 1,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: original, train-more, crayon-attention, rrr, cnn-original, crayon-pruning, random-pruning.")] = "original,train-more,crayon-attention,rrr,cnn-original,crayon-pruning,random-pruning",
+    original_epochs: Annotated[int, typer.Option("--original-epochs", help="Epochs of the original crayon-mlp (paper: 30).")] = 30,
+    attention_epochs: Annotated[int, typer.Option("--attention-epochs", help="Fine-tune epochs of train-more, crayon-attention and rrr (paper: 200).")] = 10,
+    beta: Annotated[float, typer.Option("--beta", help="CRAYON-ATTENTION's β (paper: 30).")] = 30.0,
+    rrr_lam: Annotated[float, typer.Option("--rrr-lambda", help="RRR's λ for the fine-tune.")] = 1e-6,
+    prune_arch: Annotated[str, typer.Option("--prune-arch", help="CNN for CRAYON-PRUNING.")] = "tap-cnn",
+    prune_train_size: Annotated[int, typer.Option("--prune-train-size", help="Training subset of the CNN (0: all).")] = 5000,
+    prune_epochs: Annotated[int, typer.Option("--prune-epochs", help="Epochs of the original CNN.")] = 5,
+    train_size: Annotated[int, typer.Option("--train-size", help="Training subset of the mlp part (0: all).")] = 0,
+    test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
+    data_root: DataRootOpt = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """CRAYON's DecoyMNIST table (crayon-mlp: Original, Train More, CRAYON-ATTENTION, RRR) and CRAYON-PRUNING vs
+    Random Pruning on a CNN, with simulated feedback: accuracy and worst-group accuracy on the permuted test."""
+    from .bench.crayon_mnist import run
+
+    result = run(scenario=scenario, data_root=data_root, seeds=seeds, train_size=train_size or None,
+                 test_size=test_size or None, original_epochs=original_epochs, attention_epochs=attention_epochs,
+                 beta=beta, rrr_lam=rrr_lam, prune_arch=prune_arch, prune_train_size=prune_train_size or None,
+                 prune_epochs=prune_epochs, methods=_names(methods, "--methods"))
+    if _write_json(output, result, json_output):
+        return
+    table = Table(title=f"{scenario}: permuted test (paper: one DecoyMNIST accuracy per method), {seeds} seed(s)")
+    for col in ("method", "permuted acc", "permuted worst group", "contaminated acc", "#FB", "paper"):
+        table.add_column(col, justify="right")
+    for name, row in result["methods"].items():
+        paper = row.get("paper_accuracy")
+        table.add_row(name, f"{row['permuted']['accuracy']['mean']:.3f}",
+                      f"{row['permuted']['worst_group_accuracy']['mean']:.3f}",
+                      f"{row['contaminated']['accuracy']['mean']:.3f}", f"{row['fb']['mean']:g}",
+                      "–" if paper is None else f"{paper:.3f}")
+    out.print(table)
+    out.print(f"{result['seconds'] / 60:.1f} min")

@@ -29,3 +29,16 @@ def test_bench_bad_options():
     assert_one_line_error(run("bench", "tap-mnist", "--lambda", "base=1"), "no penalty weight")
     assert_one_line_error(run("bench", "tap-mnist", "--lambda", "rbr"), "--lambda")
     assert_one_line_error(run("bench", "cost", "--archs", "vgg99"), "vgg99")
+
+
+def test_bench_crayon_mnist_cli_on_decoy_digits(tmp_path):
+    out = tmp_path / "crayon.json"
+    result = run("bench", "crayon-mnist", "--scenario", "decoy-digits", "--methods", "original,crayon-attention",
+                 "--original-epochs", "1", "--attention-epochs", "1", "--beta", "3", "--test-size", "30", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["methods"]) == {"original", "crayon-attention"}
+    assert doc["methods"]["crayon-attention"]["fb"]["mean"] == doc["settings"]["mlp"]["train_size"] == 3237
+    assert doc["settings"]["mlp"]["beta"] == 3.0
+    assert "original" in result.stdout and "0.853" in result.stdout  # the paper's number beside ours
+    assert_one_line_error(run("bench", "crayon-mnist", "--methods", "nope"), "nope")

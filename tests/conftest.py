@@ -31,3 +31,19 @@ def mnist_root() -> Path:
     if root is None:
         pytest.skip("MNIST idx files not found (set MODELFIX_DATA to a folder holding MNIST/raw/*.gz)")
     return root
+
+
+@pytest.fixture(scope="session")
+def shortcut(tmp_path_factory):
+    """An mlp trained on decoy digits through the CLI: it reads the label off the corner patch. Shared by the CLI
+    tests, which only read it (writing over an input is refused)."""
+    import json
+
+    from cli_helpers import run
+
+    path = tmp_path_factory.mktemp("model") / "shortcut.safetensors"
+    result = run("train", "--arch", "mlp", "--data", "decoy-digits:train", "--epochs", "15", "--lr", "0.003",
+                 "--batch-size", "64", "-o", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["train_accuracy"] > 0.95
+    return path

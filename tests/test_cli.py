@@ -1,7 +1,6 @@
 """The command line end to end on the embedded default, and every bad input: one line, exit 2, nothing written."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,18 +12,6 @@ from PIL import Image
 
 from modelfix.cli import app
 
-
-
-@pytest.fixture(scope="module")
-def shortcut(tmp_path_factory):
-    """An mlp trained on decoy digits: the shortcut model every CLI test evaluates."""
-    path = tmp_path_factory.mktemp("model") / "shortcut.safetensors"
-    result = run("train", "--arch", "mlp", "--data", "decoy-digits:train", "--epochs", "15", "--lr", "0.003",
-                 "--batch-size", "64", "-o", path, "--json")
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["train_accuracy"] > 0.95
-    return path
 
 
 

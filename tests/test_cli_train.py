@@ -16,16 +16,6 @@ from modelfix.repair.methods import METHODS
 ADAM = ("--optimizer", "adam", "--lr", "1e-3")
 
 
-@pytest.fixture(scope="module")
-def shortcut(tmp_path_factory):
-    """An mlp trained on decoy digits: it reads the label off the corner patch."""
-    path = tmp_path_factory.mktemp("model") / "shortcut.safetensors"
-    result = run("train", "--arch", "mlp", "--data", "decoy-digits:train", "--epochs", "15", "--lr", "0.003",
-                 "--batch-size", "64", "-o", path)
-    assert result.exit_code == 0, result.stderr
-    return path
-
-
 def gap(model) -> float:
     """Accuracy with the patch in the true label's colour minus with a random colour (the shortcut's size)."""
     result = run("evaluate", model, "--data", "decoy-digits:test", "--poison", "1", "--labels", "correlated,random",

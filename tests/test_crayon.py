@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from gradcheck import assert_fd_gradient
 
 from modelfix.card import InputSpec, ModelCard
 from modelfix.data.dataset import Dataset
@@ -48,33 +49,6 @@ def batch_of(data: Dataset, index) -> dict:
     index = torch.as_tensor(index)
     return {"x": data.x[index].to(F64), "y": data.y[index], "mask": data.mask[index], "has_mask": data.has_mask[index],
             "group": data.group[index], "index": index}
-
-
-def assert_fd_gradient(model: nn.Module, penalty, directions: int = 3, h: float = 1e-5, rtol: float = 1e-5) -> None:
-    """∂penalty/∂θ is nonzero and its directional derivatives match central differences (float64);
-    the pattern of tests/test_guidance.py."""
-    params = list(model.parameters())
-    grads = torch.autograd.grad(penalty(model), params, allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-    assert float(flat.abs().max()) > 1e-8, "penalty does not reach the parameters"
-    theta = parameters_to_vector(params).detach().clone()
-    gen = torch.Generator().manual_seed(123)
-    try:
-        for _ in range(directions):
-            v = torch.randn(theta.shape, generator=gen, dtype=F64)
-            v /= v.norm()
-            analytic = float(flat @ v)
-            with torch.no_grad():
-                vector_to_parameters(theta + h * v, params)
-            plus = float(penalty(model).detach())
-            with torch.no_grad():
-                vector_to_parameters(theta - h * v, params)
-            minus = float(penalty(model).detach())
-            fd = (plus - minus) / (2 * h)
-            assert abs(analytic - fd) <= rtol * max(abs(analytic), abs(fd)), (analytic, fd)
-    finally:
-        with torch.no_grad():
-            vector_to_parameters(theta, params)
 
 
 # ---- saliency -------------------------------------------------------------------------------------------------

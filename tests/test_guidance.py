@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
+
+from gradcheck import F64, assert_fd_gradient, value
 
 from modelfix.card import InputSpec, ModelCard
 from modelfix.errors import ModelfixError
@@ -24,9 +26,6 @@ from modelfix.repair.guidance import (RBR, RRR, TAP, L2Objective, default_tap_la
 from modelfix.repair.guidance.rrr import mode_invariant
 from modelfix.training import TaskObjective
 from modelfix.zoo import Classifier, build_model, build_net, default_input_spec
-
-F64 = torch.float64
-
 
 def tiny_model(seed: int = 0) -> Classifier:
     """1×8×8 → conv 3 → Softplus → pool (4×4) → conv 2 → Tanh → pool (2×2) → linear 3; smooth activations so finite
@@ -50,37 +49,6 @@ def tiny_batch(dtype=torch.float32, seed: int = 1) -> dict:
     return {"x": torch.rand(4, 1, 8, 8, generator=g).to(dtype), "y": torch.tensor([0, 1, 2, 1]),
             "mask": mask.to(dtype), "has_mask": torch.tensor([True, False, True, True]),
             "group": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
-
-
-def value(t: torch.Tensor) -> float:
-    return float(t.detach())
-
-
-def assert_fd_gradient(model: nn.Module, penalty, directions: int = 3, h: float = 1e-5, rtol: float = 1e-5) -> None:
-    """∂penalty/∂θ is nonzero and its directional derivatives match central differences (float64)."""
-    params = list(model.parameters())
-    grads = torch.autograd.grad(penalty(model), params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    assert float(flat.abs().max()) > 1e-8, "penalty does not reach the parameters"
-    theta = parameters_to_vector(params).detach().clone()
-    gen = torch.Generator().manual_seed(123)
-    try:
-        for _ in range(directions):
-            v = torch.randn(theta.shape, generator=gen, dtype=F64)
-            v /= v.norm()
-            analytic = float(flat @ v)
-            with torch.no_grad():
-                vector_to_parameters(theta + h * v, params)
-            plus = value(penalty(model))  # not under no_grad: RRR/RBR need autograd for their input gradients
-            with torch.no_grad():
-                vector_to_parameters(theta - h * v, params)
-            minus = value(penalty(model))
-            fd = (plus - minus) / (2 * h)
-            assert abs(analytic - fd) <= rtol * max(abs(analytic), abs(fd)), (analytic, fd)
-    finally:
-        with torch.no_grad():
-            vector_to_parameters(theta, params)
 
 
 # ---------------------------------------------------------------------------------------------------------------

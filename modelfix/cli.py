@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -88,7 +87,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Runtime")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for data generation, poisoning and training.", rich_help_panel="Runtime")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Folder with MNIST/raw/*.gz for the MNIST scenarios (default: $MODELFIX_DATA).", rich_help_panel="Data")]
-MasksOpt = Annotated[Optional[Path], typer.Option("--masks", help="Mask folder mirroring an image folder (1 = spurious).", rich_help_panel="Data")]
+MasksOpt = Annotated[Optional[Path], typer.Option("--masks", help="Masks (1 = spurious): a folder mirroring an image folder, or a .npz/.safetensors bundle of the same items.", rich_help_panel="Data")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow unpickling a full pickled model. Only for files you trust.", rich_help_panel="Model")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a checkpoint without a model card (see `modelfix archs`).", rich_help_panel="Model")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes (card-less checkpoints).", rich_help_panel="Model")]

@@ -126,7 +126,7 @@ def render_repair_markdown(doc: dict) -> str:
         f"oversampled), validation {samples.get('val_unique')} unique ({samples.get('val_size')} oversampled)",
         f"- selected {key} = {trace[key]:g} ({trace.get('selected_by')}; slack {trace.get('slack'):g} {trace.get('slack_mode')}); "
         f"validation accuracy {_pct(trace.get('val_orig'))} % → {_pct(trace.get('val_acc'))} %",
-        f"- time: " + ", ".join(f"{k} {v:.2f} s" for k, v in trace.get("timing", {}).items()),
+        "- time: " + ", ".join(f"{k} {v:.2f} s" for k, v in trace.get("timing", {}).items()),
         "",
     ]
     if trace.get("selection"):

@@ -83,6 +83,11 @@ def test_bad_sweeps_are_refused(method, lambdas, val, message):
         finetune(_model(), _data(), method, CONFIG, lambdas=lambdas, val=_data() if val else None, progress=False)
 
 
+def test_lambda_and_the_weight_it_sets_cannot_both_be_given():
+    with pytest.raises(ModelfixError, match="also given"):
+        finetune(_model(), _data(), "rrr", CONFIG, lambdas=[1.0], hparams={"lam": 2.0}, progress=False)
+
+
 def test_mask_methods_refuse_data_without_a_single_mask():
     with pytest.raises(ModelfixError, match="needs masks"):
         finetune(_model(), _data(masks=False), "rrr", CONFIG, progress=False)

@@ -96,6 +96,9 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
     entry = get_method(method)
     hparams = dict(hparams or {})
     values = check_lambdas(entry, lambdas)
+    if lambdas and entry.weight in hparams:
+        raise ModelfixError(f"--lambda sets '{entry.weight}' of method '{method}', which is also given on its own",
+                            hint="give one of them")
     if select_by not in SELECT_BY:
         raise ModelfixError(f"--select-by must be one of {', '.join(SELECT_BY)}, not '{select_by}'")
     if len(values) > 1 and val is None:

@@ -183,12 +183,13 @@ def run(scenario: str = "decoy-mnist", data_root=None, epochs: int = 5, train_si
             row = {"case": case, "seed": seed}
             tick = time.perf_counter()
             try:
-                train(model, data, _config(epochs, batch_size, lr, seed), make_objective(method, model, **hparams),
-                      progress=progress, description=f"seed {seed} {case}")
+                fit = train(model, data, _config(epochs, batch_size, lr, seed), make_objective(method, model, **hparams),
+                            progress=progress, description=f"seed {seed} {case}")
             except TrainingFailed as exc:  # TAP's "DNC": a NaN loss ends the run
                 row["failed"] = str(exc)
             else:
                 row.update({name: accuracy(model, test) for name, test in tests.items()})
+                row["final_penalty"] = fit.history[-1].get("penalty")  # mean penalty over the last epoch
             row["train_seconds"] = time.perf_counter() - tick
             runs.append(row)
 

@@ -22,7 +22,7 @@ from .errors import ModelfixError
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
 
-MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr, rbr or crayon-attention (see `modelfix methods`).", rich_help_panel="Method")]
+MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr, rbr, crayon-attention, r4-rand, r4-adv, smooth-rrr or pgd-ex (see `modelfix methods`).", rich_help_panel="Method")]
 LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weight; a comma-separated list runs a sweep chosen on --val (default: the method's).", rich_help_panel="Method")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-separated module names to hook (default: per architecture family).", rich_help_panel="Method")]
 TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]
@@ -31,6 +31,10 @@ FeedbackOpt = Annotated[Optional[Path], typer.Option("--feedback", help="crayon-
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="crayon-attention: weight of the yes-sample term (default 0).", rich_help_panel="Method")]
 BetaOpt = Annotated[Optional[float], typer.Option("--beta", help="crayon-attention: weight of the no-sample term (default 30; --lambda sweeps it).", rich_help_panel="Method")]
 CrayonLossOpt = Annotated[Optional[str], typer.Option("--crayon-loss", help="crayon-attention: preprint (default) or normalized (the released code's variant).", rich_help_panel="Method")]
+EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="r4-rand/r4-adv/smooth-rrr/pgd-ex: perturbation radius in pixel units (box x ± ε·M).", rich_help_panel="Method")]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="r4-rand/smooth-rrr: perturbed copies per image.", rich_help_panel="Method")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="r4-adv/pgd-ex: PGD steps.", rich_help_panel="Method")]
+StepSizeOpt = Annotated[Optional[float], typer.Option("--step-size", help="r4-adv/pgd-ex: PGD step (default ε/4 for r4-adv, ε/steps for pgd-ex).", rich_help_panel="Method")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation data: per-epoch accuracy, --select best, and the choice between several --lambda values.", rich_help_panel="Data")]
 SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values by validation accuracy or loss.", rich_help_panel="Method")]
 DataOpt = Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")]
@@ -56,11 +60,14 @@ def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, s
     return TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, loss=loss, select=select, **fields)
 
 
-def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon_loss=None) -> dict:
+def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon_loss=None, eps=None, samples=None,
+             steps=None, step_size=None) -> dict:
     """Method options the user gave, each refused on a method it does not apply to."""
     layer_key = "layer" if "layer" in method.hyperparameters else "layers"  # Grad-CAM takes one layer, TAP several
     given = {layer_key: ("--layers", layers), "norm": ("--tap-norm", tap_norm), "target": ("--rrr-target", rrr_target),
-             "alpha": ("--alpha", alpha), "beta": ("--beta", beta), "variant": ("--crayon-loss", crayon_loss)}
+             "alpha": ("--alpha", alpha), "beta": ("--beta", beta), "variant": ("--crayon-loss", crayon_loss),
+             "eps": ("--eps", eps), "samples": ("--samples", samples), "steps": ("--steps", steps),
+             "step_size": ("--step-size", step_size)}
     hparams = {}
     for key, (option, value) in given.items():
         if value is None:
@@ -178,6 +185,10 @@ def train(
     alpha: AlphaOpt = None,
     beta: BetaOpt = None,
     crayon_loss: CrayonLossOpt = None,
+    eps: EpsOpt = None,
+    samples: SamplesOpt = None,
+    steps: StepsOpt = None,
+    step_size: StepSizeOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
@@ -204,7 +215,7 @@ def train(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size)
     _check_output(output)
     dev = _device(device)
     base = default_input_spec(arch)
@@ -248,6 +259,10 @@ def finetune(
     alpha: AlphaOpt = None,
     beta: BetaOpt = None,
     crayon_loss: CrayonLossOpt = None,
+    eps: EpsOpt = None,
+    samples: SamplesOpt = None,
+    steps: StepsOpt = None,
+    step_size: StepSizeOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
@@ -275,7 +290,7 @@ def finetune(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size)
     _check_output(output)
     model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
     sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,

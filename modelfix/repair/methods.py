@@ -15,6 +15,8 @@ from torch import nn
 from modelfix.errors import ModelfixError
 from modelfix.repair.guidance import RBR, RRR, TAP, L2Objective
 from modelfix.repair.guidance.crayon_attention import CrayonAttention
+from modelfix.repair.guidance.pgd_ex import PGDEx
+from modelfix.repair.guidance.r4 import R4Adv, R4Rand, SmoothRRR
 from modelfix.training import TaskObjective
 
 EGEM_PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
@@ -124,3 +126,23 @@ register(Method("crayon-attention", "finetune",
                 CrayonAttention.paper, {**CrayonAttention.defaults, "data": None, "verdicts": None},
                 needs_masks=False, weight="beta", train_defaults={"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4},
                 build=lambda model, loss="ce", **hp: CrayonAttention(model=model, loss=loss, **hp)))
+
+# R4 family and PGD-Ex (methods_guided_finetunes.md §2.5, §3.3): the papers' objectives, not the R4 repo's inert
+# variants. Optimiser settings: R4's DecoyMNIST table (§2.7; Adam, no weight decay) and Heo's (§7 item 14; AdamW).
+
+register(Method("r4-rand", "finetune", "penalise the largest masked input gradient over n random masked-box points",
+                R4Rand.paper, dict(R4Rand.defaults), needs_masks=True, weight="lam",
+                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                build=lambda model, loss="ce", **hp: R4Rand(loss=loss, **hp)))
+register(Method("r4-adv", "finetune", "penalise the masked input gradient at a PGD worst case in the masked box",
+                R4Adv.paper, dict(R4Adv.defaults), needs_masks=True, weight="lam",
+                train_defaults={"optimizer": "adam", "lr": 2e-3},
+                build=lambda model, loss="ce", **hp: R4Adv(loss=loss, **hp)))
+register(Method("smooth-rrr", "finetune", "penalise masked input gradients averaged over noisy copies of the image",
+                SmoothRRR.paper, dict(SmoothRRR.defaults), needs_masks=True, weight="lam",
+                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                build=lambda model, loss="ce", **hp: SmoothRRR(loss=loss, **hp)))
+register(Method("pgd-ex", "finetune", "adversarial training on the task loss inside the masked box (PGD, ≈5.5× ERM)",
+                PGDEx.paper, dict(PGDEx.defaults), needs_masks=True, weight="lam",
+                train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4},
+                build=lambda model, loss="ce", **hp: PGDEx(loss=loss, **hp)))

@@ -1,0 +1,346 @@
+"""Sound interval bound propagation (IBP) for logits and for the input gradient of the cross-entropy
+(methods_guided_finetunes.md §2.3, §3.1, §7 items 5 and 7: the machinery behind Cert-R4 and IBP-Ex).
+
+Forward (midpoint/radius, exact weights): for a box [l, u] with centre c = (l+u)/2 and radius r = (u−l)/2, an affine
+layer gives c' = Wc + b, r' = |W| r; monotone layers (ReLU, max-pool, pools with non-negative weights) map the two
+ends; the input normalisation z = (x − mean)/std maps them too because std > 0.
+
+Backward: the CE gradient with respect to the logits is p − e_y; each p_k is increasing in z_k and decreasing in
+z_j (j ≠ k), so the extremal-logit softmax bounds it (§2.3):
+    p_l[k] = softmax(z_k = l_k, z_j = u_j)[k],   p_u[k] = softmax(z_k = u_k, z_j = l_j)[k].
+That interval is pulled back layer by layer: affine layers by Wᵀc ± |W|ᵀr, ReLU by the derivative interval
+[1[pre_l > 0], 1[pre_u > 0]] (4-product min/max), max-pool by conservative routing (see `_maxpool_backward`),
+pools by their (non-negative) adjoint, the normalisation by 1/std. The result [G_l, G_u] contains
+∇_{x'} CE(f(x'), y) for every x' in the box (sampling-tested); at ε = 0 it collapses to the true gradient.
+
+Every bound is built from plain torch ops on the weights (no detach), so a penalty on it trains θ (§7 item 4).
+The ReLU indicators and max-pool candidate sets are piecewise constant in θ and carry no gradient (as in R4).
+
+The bounds describe the model's *eval-mode* function whatever the modules' flags: BatchNorm uses its running
+statistics and Dropout is the identity (the convention of `guidance.rrr.input_gradient`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelfix.errors import UnsupportedModel
+
+
+class Residual(nn.Module):
+    """A skip connection: `body(x) + shortcut(x)`, with the identity as the default shortcut. Interval bounds add."""
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+SUPPORTED = (
+    "Sequential, Residual, Linear, Conv2d, ReLU, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+    "BatchNorm1d/2d (running statistics), Dropout, Identity"
+)
+
+
+@dataclass
+class Box:
+    """An elementwise interval [lower, upper] (same shape)."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+    @property
+    def center(self) -> torch.Tensor:
+        return (self.lower + self.upper) / 2
+
+    @property
+    def radius(self) -> torch.Tensor:
+        return (self.upper - self.lower) / 2
+
+    def contains(self, t: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
+        """Elementwise: is t inside the box (± slack)?"""
+        return (t >= self.lower - slack) & (t <= self.upper + slack)
+
+
+def masked_box(
+    x: torch.Tensor, mask: torch.Tensor, eps: float, value_range: tuple[float, float] | None = None
+) -> Box:
+    """The pixel-space box x ± eps·M: masked pixels (M = 1) move by up to eps, the others stay fixed.
+
+    `mask` is N×H×W, N×1×H×W (broadcast over channels) or shaped like x; fractional values scale the radius.
+    R4's code does not clip the box to the data range (§2.3), so neither does the default; pass
+    `value_range=(low, high)` to clamp both ends to it.
+    """
+    mask = mask.to(x.dtype)
+    if mask.dim() == x.dim() - 1:
+        mask = mask.unsqueeze(1)
+    radius = eps * mask.expand_as(x)
+    lower, upper = x - radius, x + radius
+    if value_range is not None:
+        lower, upper = lower.clamp(*value_range), upper.clamp(*value_range)
+    return Box(lower, upper)
+
+
+@dataclass
+class Step:
+    """One traced layer: its kind, the module, the interval of its *input* (for a ReLU: the pre-activation bounds
+    the backward pass needs) and, for a Residual, the traces of its two branches."""
+
+    kind: str
+    name: str
+    module: nn.Module | None
+    lower: torch.Tensor
+    upper: torch.Tensor
+    branches: tuple[list[Step], list[Step]] | None = field(default=None)
+
+
+def _split(model: nn.Module) -> tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]:
+    """(net, mean, std) of a `Classifier`; (model, None, None) for a plain network (same test as `network_input`)."""
+    net = getattr(model, "net", None)
+    if isinstance(net, nn.Module) and hasattr(model, "mean") and hasattr(model, "std"):
+        return net, model.mean, model.std
+    return model, None, None
+
+
+def _unsupported(name: str, module: nn.Module, why: str = "") -> UnsupportedModel:
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    extra = f" ({why})" if why else ""
+    return UnsupportedModel(
+        f"interval bounds do not support module '{name or '<root>'}' of type {kind}{extra}; supported: {SUPPORTED}"
+    )
+
+
+def _conv_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+    """The conv's symmetric zero padding as two ints (string paddings converted), else UnsupportedModel."""
+    if conv.padding_mode != "zeros":
+        raise _unsupported(name, conv, f"padding_mode '{conv.padding_mode}'")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise _unsupported(name, conv, "asymmetric 'same' padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)  # type: ignore[return-value]
+
+
+def _bn_affine(name: str, bn: nn.modules.batchnorm._BatchNorm, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as scale·x + shift per channel, shaped to broadcast over `like` (N×C or N×C×H×W).
+    scale = γ/sqrt(var + eps) may be negative; the callers use |scale| for radii."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise _unsupported(name, bn, "no running statistics")
+    scale = torch.rsqrt(bn.running_var.to(like.dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean.to(like.dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    shape = (1, -1) + (1,) * (like.dim() - 2)
+    return scale.reshape(shape), shift.reshape(shape)
+
+
+def _forward(module: nn.Module, name: str, lower: torch.Tensor, upper: torch.Tensor, trace: list[Step]):
+    """Propagate [lower, upper] through `module`, appending one Step per leaf layer to `trace`."""
+    if isinstance(module, nn.Sequential):
+        for child_name, child in module.named_children():
+            lower, upper = _forward(child, f"{name}.{child_name}" if name else child_name, lower, upper, trace)
+        return lower, upper
+    if isinstance(module, Residual):
+        body: list[Step] = []
+        short: list[Step] = []
+        bl, bu = _forward(module.body, f"{name}.body", lower, upper, body)
+        if module.shortcut is None:
+            sl, su = lower, upper
+        else:
+            sl, su = _forward(module.shortcut, f"{name}.shortcut", lower, upper, short)
+        trace.append(Step("residual", name, module, lower, upper, (body, short)))
+        return bl + sl, bu + su
+    if isinstance(module, nn.Linear):
+        kind = "linear"
+        c, r = (lower + upper) / 2, (upper - lower) / 2
+        c, r = F.linear(c, module.weight, module.bias), F.linear(r, module.weight.abs())
+        out = (c - r, c + r)
+    elif isinstance(module, nn.Conv2d):
+        kind = "conv"
+        pad = _conv_padding(name, module)
+        c, r = (lower + upper) / 2, (upper - lower) / 2
+        args = (module.stride, pad, module.dilation, module.groups)
+        c, r = F.conv2d(c, module.weight, module.bias, *args), F.conv2d(r, module.weight.abs(), None, *args)
+        out = (c - r, c + r)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        kind = "bn"
+        scale, shift = _bn_affine(name, module, lower)
+        c, r = (lower + upper) / 2, (upper - lower) / 2
+        c, r = scale * c + shift, scale.abs() * r
+        out = (c - r, c + r)
+    elif isinstance(module, nn.ReLU):
+        kind = "relu"
+        out = (F.relu(lower), F.relu(upper))
+    elif isinstance(module, nn.MaxPool2d):
+        kind = "maxpool"
+        if module.ceil_mode or module.return_indices:
+            raise _unsupported(name, module, "ceil_mode / return_indices")
+        out = (module(lower), module(upper))  # monotone in every input
+    elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        kind = "avgpool"
+        out = (module(lower), module(upper))  # linear with non-negative weights: monotone
+    elif isinstance(module, nn.Flatten):
+        kind = "flatten"
+        out = (module(lower), module(upper))
+    elif isinstance(module, (nn.Identity, nn.Dropout)):
+        kind = "identity"  # Dropout is the identity in eval mode
+        out = (lower, upper)
+    else:
+        raise _unsupported(name, module)
+    trace.append(Step(kind, name, module, lower, upper))
+    return out
+
+
+def interval_forward(
+    model: nn.Module, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[Step]]:
+    """(out_lower, out_upper, trace): sound bounds on model(x') for every pixel-space x' in [lower, upper].
+
+    `model` is a `Classifier` (its normalisation is applied to the box first; std > 0 keeps the order) or a plain
+    network built from the SUPPORTED modules (nested Sequentials and `Residual` blocks included). `trace` lists
+    one Step per layer in forward order, each with its input interval; `interval_backward` consumes it.
+    """
+    net, mean, std = _split(model)
+    trace: list[Step] = []
+    if mean is not None:
+        if bool((std <= 0).any()):
+            raise UnsupportedModel("interval bounds need a positive input std; this Classifier's std has entries <= 0")
+        trace.append(Step("normalise", "", model, lower, upper))
+        mean, std = mean.to(lower.dtype), std.to(lower.dtype)
+        lower, upper = (lower - mean) / std, (upper - mean) / std
+    out_lower, out_upper = _forward(net, "net" if mean is not None else "", lower, upper, trace)
+    return out_lower, out_upper, trace
+
+
+def _adjoint(fn, like: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Jᵀ·grad for a linear map `fn` evaluated at the input shape of `like` (differentiable in grad)."""
+    with torch.enable_grad():
+        probe = torch.zeros_like(like, requires_grad=True)
+        (out,) = torch.autograd.grad(fn(probe), probe, grad, create_graph=True)
+    return out
+
+
+def _interval_product(gl, gu, dl, du):
+    """[gl, gu] · [dl, du] elementwise: the min and max of the four end products."""
+    products = torch.stack([gl * dl, gl * du, gu * dl, gu * du])
+    return products.amin(0), products.amax(0)
+
+
+def _maxpool_backward(pool: nn.MaxPool2d, lower, upper, gl, gu):
+    """Conservative routing of a pooled-gradient interval back to the pool's input positions.
+
+    In a window whose max-lower is m = max_j lower_j, position p can hold the max only if upper_p ≥ m (a
+    *candidate*; the position attaining m always is one). If the window has a single candidate it is the argmax
+    for every point of the box and receives [gl, gu] exactly; otherwise every candidate receives the hull of
+    "gets it" and "gets 0", [min(0, gl), max(0, gu)], and non-candidates 0. Overlapping windows sum (fold).
+    This keeps the bounds exact at ε = 0 away from ties.
+    """
+    n, ch, h, w = lower.shape
+    k, s, p, d = (nn.modules.utils._pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    window_max_lower = F.max_pool2d(lower, k, s, p, d).reshape(n * ch, 1, -1)  # (NC, 1, L)
+    padded = F.pad(upper.reshape(n * ch, 1, h, w), (p[1], p[1], p[0], p[0]), value=float("-inf"))
+    cols = F.unfold(padded, k, dilation=d, stride=s)  # (NC, k·k, L), padding never a candidate
+    cand = (cols >= window_max_lower).to(gl.dtype)
+    unique = cand.sum(1, keepdim=True) == 1
+    gl, gu = gl.reshape(n * ch, 1, -1), gu.reshape(n * ch, 1, -1)
+    lo = torch.where(unique, gl, gl.clamp(max=0)) * cand
+    hi = torch.where(unique, gu, gu.clamp(min=0)) * cand
+
+    def fold(t):  # sum each window's share back onto its input positions; padding is cropped away
+        return F.fold(t, (h, w), k, dilation=d, padding=p, stride=s).reshape(n, ch, h, w)
+
+    return fold(lo), fold(hi)
+
+
+def interval_backward(trace: list[Step], g_lower: torch.Tensor, g_upper: torch.Tensor):
+    """Pull an interval [g_lower, g_upper] on ∂ℓ/∂(output) back through `trace` to an interval on ∂ℓ/∂(input)
+    (pixel space for a Classifier). Sound for every input in the forward box: each layer's Jacobian over the box
+    is bounded by the layer's stored input interval."""
+    gl, gu = g_lower, g_upper
+    for step in reversed(trace):
+        m, kind = step.module, step.kind
+        if kind in ("linear", "conv"):
+            c, r = (gl + gu) / 2, (gu - gl) / 2
+            if kind == "linear":
+                c, r = c @ m.weight, r @ m.weight.abs()
+            else:
+                pad = _conv_padding(step.name, m)
+                out_hw = c.shape[-2:]
+                extra = tuple(
+                    step.lower.shape[-2 + i]
+                    - ((out_hw[i] - 1) * m.stride[i] - 2 * pad[i] + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
+                    for i in range(2)
+                )
+                args = (None, m.stride, pad, extra, m.groups, m.dilation)
+                c, r = F.conv_transpose2d(c, m.weight, *args), F.conv_transpose2d(r, m.weight.abs(), *args)
+            gl, gu = c - r, c + r
+        elif kind == "bn":
+            scale, _ = _bn_affine(step.name, m, gl)
+            c, r = scale * (gl + gu) / 2, scale.abs() * (gu - gl) / 2
+            gl, gu = c - r, c + r
+        elif kind == "relu":
+            dl, du = (step.lower > 0).to(gl.dtype), (step.upper > 0).to(gl.dtype)
+            gl, gu = _interval_product(gl, gu, dl, du)
+        elif kind == "maxpool":
+            gl, gu = _maxpool_backward(m, step.lower, step.upper, gl, gu)
+        elif kind == "avgpool":  # non-negative adjoint: monotone, maps each end
+            gl, gu = _adjoint(m, step.lower, gl), _adjoint(m, step.lower, gu)
+        elif kind == "flatten":
+            gl, gu = gl.reshape(step.lower.shape), gu.reshape(step.lower.shape)
+        elif kind == "residual":
+            body, short = step.branches
+            bl, bu = interval_backward(body, gl, gu)
+            sl, su = interval_backward(short, gl, gu) if short else (gl, gu)
+            gl, gu = bl + sl, bu + su
+        elif kind == "normalise":
+            std = m.std.to(gl.dtype)
+            gl, gu = gl / std, gu / std
+        # "identity": nothing to do
+    return gl, gu
+
+
+def ce_gradient_bounds(z_lower: torch.Tensor, z_upper: torch.Tensor, y: torch.Tensor):
+    """Bounds on ∂CE(z, y)/∂z = softmax(z) − e_y over the logit box [z_lower, z_upper] (N×K), per example.
+
+    p_l[k] = sigmoid(l_k − logsumexp_{j≠k} u_j), p_u[k] = sigmoid(u_k − logsumexp_{j≠k} l_j): the extremal-logit
+    softmax of §2.3 written stably.
+    """
+    k = z_lower.shape[1]
+    off = torch.eye(k, dtype=torch.bool, device=z_lower.device)
+
+    def lse_others(z):  # (N, K): logsumexp over j ≠ k
+        return z.unsqueeze(1).expand(-1, k, -1).masked_fill(off, float("-inf")).logsumexp(-1)
+
+    p_lower = torch.sigmoid(z_lower - lse_others(z_upper))
+    p_upper = torch.sigmoid(z_upper - lse_others(z_lower))
+    onehot = F.one_hot(y, k).to(z_lower.dtype)
+    return p_lower - onehot, p_upper - onehot
+
+
+def input_gradient_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float,
+    value_range: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_lower, g_upper), shaped like x: bounds on the pixel-space input gradient ∇_{x'} CE(model(x'), y) of the
+    per-example cross-entropy, valid for every x' in `masked_box(x, mask, eps, value_range)` (Cert-R4, §2.3).
+    Differentiable in the model's parameters."""
+    box = masked_box(x, mask, eps, value_range)
+    z_lower, z_upper, trace = interval_forward(model, box.lower, box.upper)
+    g_lower, g_upper = ce_gradient_bounds(z_lower, z_upper, y)
+    return interval_backward(trace, g_lower, g_upper)

@@ -1,0 +1,250 @@
+"""Interval bounds (modelfix.repair.intervals): soundness by sampling, exactness at ε = 0, a hand-computed box,
+nesting in ε, differentiability in θ, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gradcheck import F64, assert_fd_gradient
+from torch import nn
+
+from modelfix.card import InputSpec
+from modelfix.errors import UnsupportedModel
+from modelfix.repair.intervals import (
+    Residual,
+    ce_gradient_bounds,
+    input_gradient_bounds,
+    interval_forward,
+    masked_box,
+)
+from modelfix.zoo import Classifier
+
+SLACK = 1e-9
+C, H, W, K = 2, 8, 8, 5
+
+
+def _randomise_bn(net: nn.Module, gen: torch.Generator) -> None:
+    """Random running statistics and affine parameters, some γ negative."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=gen, dtype=F64) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=gen, dtype=F64) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=gen, dtype=F64))
+                m.weight[0] = -abs(float(m.weight[0])) - 0.2
+                m.bias.copy_(torch.randn(n, generator=gen, dtype=F64) * 0.3)
+
+
+def make_net(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        net = nn.Sequential(
+            nn.Flatten(), nn.Linear(C * H * W, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(12, K),
+        )
+    elif kind == "conv":  # 8x8 -> 8x8 -> pool 4x4 -> stride-2 conv 2x2 (output_padding 1) -> overlapping pool
+        net = nn.Sequential(
+            nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=1, padding=1),
+            nn.Sequential(nn.AvgPool2d(1), nn.Identity()), nn.Flatten(), nn.Linear(24, 8), nn.BatchNorm1d(8),
+            nn.ReLU(), nn.Linear(8, K),
+        )
+    elif kind == "pre-pool":  # max-pool straight after a conv (no ReLU zeros feeding it), adaptive avg pool
+        net = nn.Sequential(
+            nn.Conv2d(C, 3, 3), nn.MaxPool2d(3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(12, K),
+        )
+    elif kind == "residual":
+        net = nn.Sequential(
+            nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(),
+            Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding="same"))),
+            nn.ReLU(),
+            Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()), shortcut=nn.Conv2d(4, 6, 1, 2)),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, K),
+        )
+    else:
+        raise AssertionError(kind)
+    net = net.to(F64)
+    _randomise_bn(net, torch.Generator().manual_seed(seed + 7))
+    spec = InputSpec(C, H, W, (0.2, 0.5), (0.5, 0.25))
+    return Classifier(net, spec).to(F64).eval()
+
+
+def make_batch(seed: int, n: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, C, H, W, generator=gen, dtype=F64)
+    y = torch.randint(0, K, (n,), generator=gen)
+    mask = (torch.rand(n, 1, H, W, generator=gen, dtype=F64) < 0.4).to(F64)
+    return x, y, mask
+
+
+def true_logits_and_gradients(model, x, y):
+    x = x.detach().clone().requires_grad_(True)
+    logits = model(x)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+    return logits.detach(), grad
+
+
+def box_samples(x, mask, eps, per_image: int, gen):
+    """(S·N) points in the box x ± eps·M: the two extreme corners, random vertices, then uniform interior points."""
+    n = x.shape[0]
+    m = mask.expand_as(x)
+    signs = [torch.full_like(x, -1.0), torch.full_like(x, 1.0)]
+    vertices = per_image // 2
+    signs += [torch.randint(0, 2, x.shape, generator=gen).to(F64) * 2 - 1 for _ in range(vertices - 2)]
+    signs += [torch.rand(x.shape, generator=gen, dtype=F64) * 2 - 1 for _ in range(per_image - vertices)]
+    pts = torch.cat([x + eps * m * s for s in signs])
+    return pts, n
+
+
+NETS = ["mlp", "conv", "pre-pool", "residual"]
+
+
+@pytest.mark.parametrize("kind", NETS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounds_contain_sampled_logits_and_gradients(kind, seed):
+    model = make_net(kind, seed)
+    x, y, mask = make_batch(seed)
+    eps = 0.3 if seed == 0 else 0.05
+    box = masked_box(x, mask, eps)
+    z_lower, z_upper, _ = interval_forward(model, box.lower, box.upper)
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, eps)
+    for t in (z_lower, z_upper, g_lower, g_upper):
+        assert torch.isfinite(t).all()
+    pts, n = box_samples(x, mask, eps, 200, torch.Generator().manual_seed(seed + 100))
+    logits, grads = true_logits_and_gradients(model, pts, y.repeat(pts.shape[0] // n))
+    reps = pts.shape[0] // n
+    assert (logits >= z_lower.repeat(reps, 1) - SLACK).all() and (logits <= z_upper.repeat(reps, 1) + SLACK).all()
+    assert (grads >= g_lower.repeat(reps, 1, 1, 1) - SLACK).all()
+    assert (grads <= g_upper.repeat(reps, 1, 1, 1) + SLACK).all()
+    # unmasked pixels never move, but their gradient still varies: the bounds must not be zero-width there
+    assert (g_upper - g_lower).max() > 0
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_zero_width_box_gives_the_exact_logits_and_gradient(kind):
+    model = make_net(kind, 3)
+    x, y, mask = make_batch(3)
+    z_lower, z_upper, _ = interval_forward(model, x, x)
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, 0.0)
+    logits, grad = true_logits_and_gradients(model, x, y)
+    for got, want in ((z_lower, logits), (z_upper, logits), (g_lower, grad), (g_upper, grad)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-9), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_bounds_are_nested_in_eps(kind):
+    model = make_net(kind, 4)
+    x, y, mask = make_batch(4)
+    small = input_gradient_bounds(model, x, y, mask, 0.05)
+    large = input_gradient_bounds(model, x, y, mask, 0.3)
+    assert (large[0] <= small[0] + SLACK).all() and (small[1] <= large[1] + SLACK).all()
+    assert (large[1] - large[0]).sum() > (small[1] - small[0]).sum()
+
+
+def test_hand_computed_box_and_normalisation():
+    # z = (x − 0.5)/0.25; logits = [[1, −2], [0, 3]] z + [0.5, 0]; x ∈ [0.25, 1.0] (x = 0.625 ± 0.375)
+    lin = nn.Linear(1, 2).to(F64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0], [-3.0]], dtype=F64))
+        lin.bias.copy_(torch.tensor([0.5, 0.0], dtype=F64))
+    model = Classifier(nn.Sequential(nn.Flatten(), lin), InputSpec(1, 1, 1, (0.5,), (0.25,))).to(F64)
+    x = torch.full((1, 1, 1, 1), 0.625, dtype=F64)
+    box = masked_box(x, torch.ones(1, 1, 1), 0.375)
+    assert float(box.lower) == 0.25 and float(box.upper) == 1.0
+    zl, zu, trace = interval_forward(model, box.lower, box.upper)
+    # z ∈ [−1, 2]: logit0 = 2z + 0.5 ∈ [−1.5, 4.5]; logit1 = −3z ∈ [−6, 3]
+    assert torch.allclose(zl, torch.tensor([[-1.5, -6.0]], dtype=F64))
+    assert torch.allclose(zu, torch.tensor([[4.5, 3.0]], dtype=F64))
+    assert [s.kind for s in trace] == ["normalise", "flatten", "linear"]
+    # CE-gradient bounds, y = 0: p0 ∈ [σ(−1.5 − 3), σ(4.5 + 6)], p1 ∈ [σ(−6 − 4.5), σ(3 + 1.5)]
+    gl, gu = ce_gradient_bounds(zl, zu, torch.tensor([0]))
+    s = torch.sigmoid
+    assert torch.allclose(gl, torch.tensor([[s(torch.tensor(-4.5)) - 1, s(torch.tensor(-10.5))]], dtype=F64))
+    assert torch.allclose(gu, torch.tensor([[s(torch.tensor(10.5)) - 1, s(torch.tensor(4.5))]], dtype=F64))
+
+
+def test_masked_box_clipping_and_mask_shapes():
+    x = torch.tensor([[[[0.1, 0.9]], [[0.5, 0.5]]]], dtype=F64)  # 1×2×1×2
+    mask = torch.tensor([[[1.0, 0.0]]], dtype=F64)  # N×H×W, broadcast over channels
+    box = masked_box(x, mask, 0.3)
+    assert torch.allclose(box.lower, torch.tensor([[[[-0.2, 0.9]], [[0.2, 0.5]]]], dtype=F64))
+    clipped = masked_box(x, mask, 0.3, value_range=(0.0, 1.0))
+    assert torch.allclose(clipped.lower, torch.tensor([[[[0.0, 0.9]], [[0.2, 0.5]]]], dtype=F64))
+    assert torch.allclose(clipped.upper, torch.tensor([[[[0.4, 0.9]], [[0.8, 0.5]]]], dtype=F64))
+
+
+@pytest.mark.parametrize("kind", NETS)
+def test_bounds_are_differentiable_in_every_parameter(kind):
+    model = make_net(kind, 5)
+    x, y, mask = make_batch(5)
+
+    def widths(m):
+        box = masked_box(x, mask, 0.3)
+        zl, zu, _ = interval_forward(m, box.lower, box.upper)
+        gl, gu = input_gradient_bounds(m, x, y, mask, 0.3)
+        return (zu - zl).sum() + (gu - gl).sum()
+
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(widths(model), list(params.values()))
+    for (name, _), g in zip(params.items(), grads):
+        assert torch.isfinite(g).all() and g.abs().max() > 0, name
+    assert_fd_gradient(model, widths, directions=2, h=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layer, type_name", [(nn.GELU(), "GELU"), (nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect"), "Conv2d")]
+)
+def test_unsupported_layer_is_named(layer, type_name):
+    net = nn.Sequential(nn.Sequential(nn.Identity(), layer), nn.Flatten(), nn.Linear(C * H * W, K)).to(F64)
+    model = Classifier(net, InputSpec(C, H, W, (0.0,), (1.0,))).to(F64)
+    x, y, mask = make_batch(0)
+    with pytest.raises(UnsupportedModel) as err:
+        input_gradient_bounds(model, x, y, mask, 0.1)
+    msg = str(err.value)
+    assert "'net.0.1'" in msg and type_name in msg and "supported:" in msg and "\n" not in msg
+
+
+def test_lstm_is_refused():
+    with pytest.raises(UnsupportedModel, match=r"'0'.*LSTM"):
+        interval_forward(nn.Sequential(nn.LSTM(4, 4)), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "crayon-mlp", "tap-cnn", "egem-cnn", "egem-cnn-ref"])
+def test_zoo_small_nets_are_supported_and_exact_at_zero_eps(arch):
+    from modelfix.card import ModelCard
+    from modelfix.zoo import build_model, default_input_spec
+
+    torch.manual_seed(0)
+    model = build_model(ModelCard(arch=arch, num_classes=10, input=default_input_spec(arch))).to(F64).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 1, 28, 28, generator=gen, dtype=F64)
+    y = torch.tensor([3, 7])
+    mask = torch.zeros(2, 1, 28, 28, dtype=F64)
+    mask[:, :, :4, :4] = 1
+    logits, grad = true_logits_and_gradients(model, x, y)
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, 0.0)
+    assert torch.allclose(g_lower, grad, rtol=0, atol=1e-9) and torch.allclose(g_upper, grad, rtol=0, atol=1e-9)
+    # a few corners of a masked box stay inside the bounds
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, 0.3)
+    pts, n = box_samples(x, mask, 0.3, 6, gen)
+    _, grads = true_logits_and_gradients(model, pts, y.repeat(pts.shape[0] // n))
+    reps = pts.shape[0] // n
+    assert (grads >= g_lower.repeat(reps, 1, 1, 1) - SLACK).all()
+    assert (grads <= g_upper.repeat(reps, 1, 1, 1) + SLACK).all()
+
+
+def test_torchvision_block_is_refused_by_name():
+    import dataclasses
+
+    from modelfix.card import ModelCard
+    from modelfix.zoo import build_model, default_input_spec
+
+    spec = dataclasses.replace(default_input_spec("resnet18"), height=32, width=32)
+    model = build_model(ModelCard(arch="resnet18", num_classes=3, input=spec))
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(UnsupportedModel, match=r"module 'net' of type torchvision\.models\.resnet\.ResNet"):
+        interval_forward(model, x, x)

@@ -22,7 +22,7 @@ from .errors import ModelfixError
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
 
-MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr, rbr, crayon-attention, r4-rand, r4-adv, smooth-rrr or pgd-ex (see `modelfix methods`).", rich_help_panel="Method")]
+MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr, rbr, crayon-attention, r4-rand, r4-adv, r4-cert, smooth-rrr, ibp-ex, ibp-ex-rrr or pgd-ex (see `modelfix methods`).", rich_help_panel="Method")]
 LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weight; a comma-separated list runs a sweep chosen on --val (default: the method's).", rich_help_panel="Method")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-separated module names to hook (default: per architecture family).", rich_help_panel="Method")]
 TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]

@@ -14,6 +14,7 @@ from torch import nn
 
 from modelfix.errors import ModelfixError
 from modelfix.repair.guidance import RBR, RRR, TAP, L2Objective
+from modelfix.repair.guidance.certified import CertR4, IBPEx
 from modelfix.repair.guidance.crayon_attention import CrayonAttention
 from modelfix.repair.guidance.pgd_ex import PGDEx
 from modelfix.repair.guidance.r4 import R4Adv, R4Rand, SmoothRRR
@@ -146,3 +147,15 @@ register(Method("pgd-ex", "finetune", "adversarial training on the task loss ins
                 PGDEx.paper, dict(PGDEx.defaults), needs_masks=True, weight="lam",
                 train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4},
                 build=lambda model, loss="ce", **hp: PGDEx(loss=loss, **hp)))
+register(Method("r4-cert", "finetune", "penalise sound interval bounds on the masked input gradient over x ± ε·M",
+                CertR4.paper, dict(CertR4.defaults), needs_masks=True, weight="lam",
+                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                build=lambda model, loss="ce", **hp: CertR4(loss=loss, **hp)))
+register(Method("ibp-ex", "finetune", "α·CE + (1 − α)·CE of the worst-case logits over x ± ε·M (interval bounds)",
+                IBPEx.paper, dict(IBPEx.defaults), needs_masks=True, weight=None,
+                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                build=lambda model, loss="ce", **hp: IBPEx(loss=loss, **hp)))
+register(Method("ibp-ex-rrr", "finetune", "IBP-Ex plus λ·L1 of the masked gradient of the logit sum (Heo's combination)",
+                IBPEx.paper, {**IBPEx.defaults, "rrr": 1.0}, needs_masks=True, weight="rrr",
+                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                build=lambda model, loss="ce", **hp: IBPEx(loss=loss, **hp)))

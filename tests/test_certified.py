@@ -1,0 +1,88 @@
+"""Cert-R4 and IBP-Ex on the interval module: finite-difference gradients, bounds that dominate sampled values."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gradcheck import F64, assert_fd_gradient
+from torch import nn
+
+from modelfix.card import InputSpec
+from modelfix.errors import ModelfixError, UnsupportedModel
+from modelfix.repair.guidance.certified import CertR4, IBPEx, worst_case_logits
+from modelfix.repair.methods import make_objective
+from modelfix.zoo import Classifier
+
+
+def relu_net(seed=0, conv=False):
+    torch.manual_seed(seed)
+    layers = ([nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(48, 3)] if conv
+              else [nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 3)])
+    return Classifier(nn.Sequential(*layers), InputSpec(1, 8, 8, (0.2,), (0.5,))).double()
+
+
+def batch(seed=1, masked=(True, True, False, True)):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(4, 1, 8, 8, dtype=F64)
+    mask[:, :, :3, :3] = 1
+    return {"x": torch.rand(4, 1, 8, 8, generator=g, dtype=F64), "y": torch.tensor([0, 1, 2, 1]), "mask": mask,
+            "has_mask": torch.tensor(masked), "group": torch.zeros(4, dtype=torch.long), "index": torch.arange(4)}
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_cert_r4_penalty_gradient_matches_finite_differences(conv):
+    model, b = relu_net(conv=conv), batch()
+    cert = CertR4(eps=0.3)
+    assert_fd_gradient(model, lambda m: cert.penalty(m, b))
+
+
+@pytest.mark.parametrize("rrr", [0.0, 0.5])
+def test_ibp_ex_penalty_gradient_matches_finite_differences(rrr):
+    model, b = relu_net(conv=True), batch()
+    ibp = IBPEx(alpha=0.3, eps=0.2, rrr=rrr)
+    assert_fd_gradient(model, lambda m: ibp.penalty(m, b))
+
+
+def test_cert_r4_penalty_dominates_every_sampled_masked_gradient():
+    model, b = relu_net(conv=True), batch(masked=(True,) * 4)
+    eps, cert = 0.3, CertR4(eps=0.3)
+    bound = float(cert.penalty(model, b).detach())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = (b["x"] + eps * b["mask"] * (2 * torch.rand(b["x"].shape, generator=gen, dtype=F64) - 1)).requires_grad_()
+        losses = F.cross_entropy(model(x), b["y"], reduction="sum")  # per-example gradients: the sum's gradient
+        (g,) = torch.autograd.grad(losses, x)
+        assert float((b["mask"] * g.abs()).sum() / x.numel()) <= bound + 1e-12
+
+
+def test_worst_case_cross_entropy_dominates_sampled_cross_entropy():
+    model, b = relu_net(), batch(masked=(True,) * 4)
+    ibp = IBPEx(alpha=0.0, eps=0.25)
+    worst = float(ibp.penalty(model, b).detach())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = b["x"] + 0.25 * b["mask"] * (2 * torch.rand(b["x"].shape, generator=gen, dtype=F64) - 1)
+        assert float(F.cross_entropy(model(x), b["y"])) <= worst + 1e-12
+
+
+def test_worst_case_logits_pick_lower_at_the_label():
+    lo, hi = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[5.0, 6.0, 7.0]])
+    assert worst_case_logits(lo, hi, torch.tensor([1])).tolist() == [[5.0, 1.0, 7.0]]
+
+
+def test_no_masks_no_penalty_and_bad_settings():
+    model, b = relu_net(), batch(masked=(False,) * 4)
+    assert float(CertR4().penalty(model, b)) == 0.0 and float(IBPEx().penalty(model, b)) == 0.0
+    with pytest.raises(ModelfixError, match="--eps"):
+        CertR4(eps=0)
+    with pytest.raises(ModelfixError, match="--alpha"):
+        IBPEx(alpha=1.5)
+    gelu = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.GELU()), InputSpec(1, 8, 8, (0.0,), (1.0,)))
+    with pytest.raises(UnsupportedModel, match="GELU"):
+        CertR4().penalty(gelu.double(), batch(masked=(True,) * 4))
+
+
+def test_registry_builds_the_interval_methods():
+    model = relu_net()
+    for name in ("r4-cert", "ibp-ex", "ibp-ex-rrr"):
+        loss, parts = make_objective(name, model, eps=0.1)(model, batch())
+        assert torch.isfinite(loss) and parts["penalty"] > 0

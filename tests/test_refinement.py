@@ -10,7 +10,7 @@ from modelfix.card import InputSpec
 from modelfix.data import Dataset
 from modelfix.errors import DataError, ModelfixError
 from modelfix.repair.refinement import refinement_split, weighted_accuracy
-from modelfix.repair.selection import check_slack, select_by_slack, threshold
+from modelfix.repair.selection import check_slack, select_by_slack, selection_table, threshold
 from modelfix.zoo import Classifier
 
 
@@ -97,3 +97,10 @@ def test_slack_rule_picks_the_strongest_candidate_within_slack():
         check_slack(1.5)
     with pytest.raises(ModelfixError, match="--slack"):
         select_by_slack(accs, 1.0, -0.1)
+
+
+def test_selection_table_rows_and_index_follow_the_slack_rule():
+    index, rows = selection_table("alpha", [1.0, 0.5, 0.1], [0.90, 0.86, 0.80], 0.90, 0.05)
+    assert index == 1  # 0.86 ≥ 0.95·0.90 = 0.855, 0.80 is not
+    assert rows == [{"alpha": 1.0, "val_acc": 0.90, "passed": True}, {"alpha": 0.5, "val_acc": 0.86, "passed": True},
+                    {"alpha": 0.1, "val_acc": 0.80, "passed": False}]

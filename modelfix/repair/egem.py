@@ -31,7 +31,7 @@ from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import check_slack, passes, select_by_slack
+from modelfix.repair.selection import check_slack, selection_table
 
 if TYPE_CHECKING:  # points.py is imported where it is used (fit_egem), keeping this module importable on its own
     from modelfix.repair.points import Point
@@ -464,21 +464,21 @@ def fit_egem(
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
+        accs = []
         with progress_bar(progress) as bar:
             task = bar.add_task(f"{method} α selection", total=len(grid))
             for alpha in grid:
                 layers = build_refinement(stats, points, alpha, config.schedule, method)
                 keys = _attach(refined, layers, alpha, method)
                 try:  # no patch (every τ ≥ 1) is the original model: no pass needed
-                    acc = val_orig if not keys else weighted_accuracy(refined, split.val, split.val_counts,
-                                                                      config.batch_size)
+                    accs.append(val_orig if not keys else weighted_accuracy(refined, split.val, split.val_counts,
+                                                                            config.batch_size))
                 finally:
                     for key in keys:
                         remove_patch(refined, key)
-                selection.append({"alpha": alpha, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
                 bar.advance(task)
-        index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
-        alpha, val_acc, selected_by = grid[index], selection[index]["val_acc"], "slack"
+        index, selection = selection_table("alpha", grid, accs, val_orig, config.slack, config.slack_mode)
+        alpha, val_acc, selected_by = grid[index], accs[index], "slack"
         layers = build_refinement(stats, points, alpha, config.schedule, method)
         _attach(refined, layers, alpha, method)
     else:

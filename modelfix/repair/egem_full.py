@@ -42,7 +42,7 @@ from modelfix.explain.lrp import EPSILON, build_composite, explaining
 from modelfix.progress import progress_bar
 from modelfix.repair.egem import PRUNED_BELOW, _check_config, search_lambda, tau_schedule
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import passes, select_by_slack
+from modelfix.repair.selection import selection_table
 
 EXPLAINERS = ("gi", "lrp-eps")
 EXPERIMENTAL = ("egem-full is experimental: the paper evaluates the per-unit rule (Eq. 5, method egem); this is its "
@@ -347,19 +347,19 @@ def fit_egem_full(model: nn.Module, split: RefinementSplit, config, progress: bo
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
+        accs = []
         with progress_bar(progress) as bar:
             task = bar.add_task("egem-full α selection", total=len(grid))
             for alpha in grid:
                 layers = _plan(ratios, consumers, alpha, config.schedule)
                 if any(layer["m"] is not None for layer in layers):
                     with _applied(refined, layers):
-                        acc = weighted_accuracy(refined, split.val, split.val_counts, config.batch_size)
+                        accs.append(weighted_accuracy(refined, split.val, split.val_counts, config.batch_size))
                 else:
-                    acc = val_orig
-                selection.append({"alpha": alpha, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
+                    accs.append(val_orig)
                 bar.advance(task)
-        index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
-        alpha, val_acc, selected_by = grid[index], selection[index]["val_acc"], "slack"
+        index, selection = selection_table("alpha", grid, accs, val_orig, config.slack, config.slack_mode)
+        alpha, val_acc, selected_by = grid[index], accs[index], "slack"
         layers = _plan(ratios, consumers, alpha, config.schedule)
     else:
         alpha, selected_by = float(config.alpha), "given"

@@ -29,7 +29,7 @@ from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.refinement import RefinementSplit
-from modelfix.repair.selection import check_slack, passes, select_by_slack
+from modelfix.repair.selection import check_slack, selection_table
 from modelfix.zoo import last_linear
 
 LAMBDA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # weakest first; relative to the mean second moment
@@ -295,10 +295,9 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
         solutions = []
         for lam in grid:
             weight, bias = solve_moments(moments, lam)
-            acc = score(weight, bias)
-            solutions.append((weight, bias, acc))
-            selection.append({"lambda": lam, "val_acc": acc, "passed": passes(acc, val_orig, config.slack, config.slack_mode)})
-        index = select_by_slack([row["val_acc"] for row in selection], val_orig, config.slack, config.slack_mode)
+            solutions.append((weight, bias, score(weight, bias)))
+        index, selection = selection_table("lambda", grid, [acc for _, _, acc in solutions], val_orig, config.slack,
+                                           config.slack_mode)
         lam, selected_by = grid[index], "slack"
         weight, bias, val_acc = solutions[index]
     else:

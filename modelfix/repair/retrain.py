@@ -15,7 +15,7 @@ from torch import nn
 
 from modelfix.errors import ModelfixError
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.selection import check_slack, passes, select_by_slack
+from modelfix.repair.selection import check_slack, selection_table
 from modelfix.training import TrainConfig, train
 
 EPOCH_GRID = (1, 5, 10, 20, 30, 50, 100)
@@ -56,8 +56,8 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
     train(tuned, split.expanded("fit"), train_config, progress=progress, description="retrain",
           on_epoch_end=snapshot)
     accs = [scores[e] for e in grid]
-    chosen = len(grid) - 1 if config.epochs is not None else select_by_slack(accs, val_orig, config.slack,
-                                                                             config.slack_mode)
+    index, selection = selection_table("epochs", grid, accs, val_orig, config.slack, config.slack_mode)
+    chosen = len(grid) - 1 if config.epochs is not None else index
     tuned.load_state_dict(snapshots[grid[chosen]])
     tuned.eval()
     trace = {
@@ -68,7 +68,7 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
         "slack_mode": config.slack_mode,
         "val_orig": val_orig,
         "val_acc": accs[chosen],
-        "selection": [{"epochs": e, "val_acc": a, "passed": passes(a, val_orig, config.slack, config.slack_mode)} for e, a in zip(grid, accs)],
+        "selection": selection,
         "config": {**train_config.to_dict()},
         "samples": split.summary,
         "timing": {"total_s": time.perf_counter() - start},

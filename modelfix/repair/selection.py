@@ -46,3 +46,12 @@ def select_by_slack(val_accuracies: Sequence[float], baseline: float, slack: flo
         if passes(acc, baseline, slack, mode):
             chosen = index
     return chosen
+
+
+def selection_table(name: str, candidates: Sequence, val_accuracies: Sequence[float], baseline: float, slack: float,
+                    mode: str = "relative") -> tuple[int, list[dict]]:
+    """(`select_by_slack` index, one trace row `{name: candidate, "val_acc", "passed"}` per candidate): the selection
+    table every post-hoc method records, candidates ordered weakest first."""
+    rows = [{name: c, "val_acc": acc, "passed": passes(acc, baseline, slack, mode)}
+            for c, acc in zip(candidates, val_accuracies)]
+    return select_by_slack(val_accuracies, baseline, slack, mode), rows

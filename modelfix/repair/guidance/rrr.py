@@ -158,12 +158,13 @@ class RRR:
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, penalty), both differentiable; one shared forward pass on a mode-invariant model."""
         x, y = batch["x"], batch["y"]
-        if not mode_invariant(model) or not bool(pixel_mask(batch, x.dtype).any()):
+        mask = pixel_mask(batch, x.dtype)
+        if not mode_invariant(model) or not bool(mask.any()):
             return self.loss_fn(model(x), y), self.penalty(model, batch)
         net, z = network_input(model, x)
         logits = net(z)
         (grad,) = torch.autograd.grad(explained_scalar(logits, y, self.target, self.loss), z, create_graph=True)
-        return self.loss_fn(logits, y), rrr_penalty(grad, pixel_mask(batch, x.dtype))
+        return self.loss_fn(logits, y), rrr_penalty(grad, mask)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         task, penalty = self.terms(model, batch)

@@ -171,3 +171,54 @@ def bench_crayon_mnist(
                       "–" if paper is None else f"{paper:.3f}")
     out.print(table)
     out.print(f"{result['seconds'] / 60:.1f} min")
+
+
+def _r4_row(case: str, row: dict) -> tuple[str, ...]:
+    paper = row["paper"] or {}
+    perm = row["permuted"]
+
+    def pct(value, ref):
+        return f"{100 * value:.2f}" + (f" ({ref:.2f})" if ref is not None else "")
+
+    return (case, pct(perm["macro_group_accuracy"], paper.get("macro")), pct(perm["worst_group_accuracy"], paper.get("worst")),
+            f"{row['delta_masked']:.3g}" + (f" ({paper['delta_masked']:g})" if paper else ""),
+            f"{row['delta_ratio']:.3g}" + (f" ({paper['ratio']:g})" if paper else ""),
+            f"{100 * row['contaminated']['macro_group_accuracy']:.2f}", f"{row['seconds_per_epoch']:.1f}")
+
+
+@bench_app.command("r4-mnist", epilog="Example: modelfix bench r4-mnist --data-root ../shared/data --methods erm,r4-cert")
+@handles_errors
+def bench_r4_mnist(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: erm, erm-l2, rrr, smooth-rrr, ibp-ex, ibp-ex-rrr, pgd-ex, r4-rand, r4-adv, r4-cert.")] = "erm,erm-l2,rrr,smooth-rrr,ibp-ex,ibp-ex-rrr,pgd-ex,r4-rand,r4-adv,r4-cert",
+    restarts: Annotated[int, typer.Option("--restarts", help="Restarts per method (paper: 4).")] = 4,
+    epochs: Annotated[int, typer.Option("--epochs", help="Override every method's epochs (0: R4's table).")] = 0,
+    train_size: Annotated[int, typer.Option("--train-size", help="Seeded subset of the 60k training images (0: all, as R4).")] = 0,
+    test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
+    threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads (0: leave as is).")] = 0,
+    data_root: DataRootOpt = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """R4's DecoyMNIST table (mlp 784-512-10, ÷255, Adam, batch 1000, per-method settings from R4's table):
+    macro-group and worst-group accuracy on the random-colour test and the fragility δ, for every mask method."""
+    import torch
+
+    from .bench.r4_mnist import run
+
+    if threads:
+        torch.set_num_threads(threads)
+    table = Table(title=f"decoy-mnist, mlp, {restarts} restart(s): ours (R4 paper); permuted test")
+    for col in ("method", "macro-group %", "worst-group %", "δ masked", "δ ratio", "contaminated %", "s/epoch"):
+        table.add_column(col, justify="right")
+
+    def show(case, row):
+        if not json_output:
+            out.print("  ".join(_r4_row(case, row)))
+        table.add_row(*_r4_row(case, row))
+
+    result = run(data_root=data_root, cases=_names(methods, "--methods"), restarts=restarts, epochs=epochs or None,
+                 train_size=train_size or None, test_size=test_size or None, on_case=show)
+    if _write_json(output, result, json_output):
+        return
+    out.print(table)
+    out.print(f"{result['seconds'] / 60:.1f} min")

@@ -180,6 +180,7 @@ def evaluate(
     labels: Annotated[str, typer.Option("--labels", help="Comma-separated: random (the artifact encodes a random label), correlated (the true label), none (no label).", rich_help_panel="Poisoning")] = "random",
     data_root: DataRootOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 512,
+    fragility: Annotated[Optional[float], typer.Option("--fragility", metavar="EPS", help="Also report R4's explanation fragility δ at this ε on the artifact mask, on the core and their ratio (interval bounds; Linear/Conv/ReLU/pool/BN networks).", rich_help_panel="Explanations")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json and report.md into this folder.", rich_help_panel="Output")] = None,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
@@ -206,6 +207,10 @@ def evaluate(
         raise ModelfixError(f"--poison levels must lie in [0, 1], got {bad[0]:g}")
     if batch_size < 1:
         raise ModelfixError(f"--batch-size must be at least 1, not {batch_size}")
+    if fragility is not None:
+        from .repair.guidance.pgd_ex import check_eps
+
+        check_eps(fragility, "--fragility")
     model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
     spec = data or _default_test_split(card)
     dataset = _data(spec, data_root, seed, masks, class_names=card.class_names)
@@ -220,6 +225,10 @@ def evaluate(
         _data_info(spec, dataset),
         evaluation,
     )
+    if fragility is not None:
+        from .fragility import fragility_of_test
+
+        results["fragility"] = fragility_of_test(model, dataset, art, fragility, modes[0] if modes else "random", seed)
     if output_dir is not None:
         write_run(output_dir, results)
     if json_output:
@@ -258,6 +267,10 @@ def _print_levels(results: dict) -> None:
     for drop in results["drops"]:
         out.print(f"drop {drop['from']:g} → {drop['to']:g} ({drop['labels']}): accuracy {pct(drop['accuracy'])} points, "
                   f"worst-group {pct(drop['worst_group_accuracy'])} points")
+    frag = results.get("fragility")
+    if frag:
+        out.print(f"fragility δ at ε {frag['eps']:g} ({frag['n']} items, {frag['source']}): masked {frag['masked']:.4g}, "
+                  f"core {frag['core']:.4g}, ratio {frag['ratio']:.4g}")
 
 
 @app.command("inspect")

@@ -28,12 +28,14 @@ LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-s
 TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]
 TargetOpt = Annotated[Optional[str], typer.Option("--rrr-target", help="RRR: log-prob-sum (Ross/TAP, default), loss (R4) or logit-sum (Heo).", rich_help_panel="Method")]
 FeedbackOpt = Annotated[Optional[Path], typer.Option("--feedback", help="crayon-attention: yes/no/maybe verdicts per training sample (samples.csv, YAML or JSON).", rich_help_panel="Method")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="crayon-attention: weight of the yes-sample term (default 0).", rich_help_panel="Method")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="crayon-attention: weight of the yes-sample term (default 0); ibp-ex/ibp-ex-rrr: weight α of the plain CE (default 0.5).", rich_help_panel="Method")]
 BetaOpt = Annotated[Optional[float], typer.Option("--beta", help="crayon-attention: weight of the no-sample term (default 30; --lambda sweeps it).", rich_help_panel="Method")]
 CrayonLossOpt = Annotated[Optional[str], typer.Option("--crayon-loss", help="crayon-attention: preprint (default) or normalized (the released code's variant).", rich_help_panel="Method")]
-EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="r4-rand/r4-adv/smooth-rrr/pgd-ex: perturbation radius in pixel units (box x ± ε·M).", rich_help_panel="Method")]
+EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="r4-rand/r4-adv/smooth-rrr/pgd-ex/r4-cert/ibp-ex/ibp-ex-rrr: perturbation radius in pixel units (box x ± ε·M).", rich_help_panel="Method")]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", help="r4-rand/smooth-rrr: perturbed copies per image.", rich_help_panel="Method")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="r4-adv/pgd-ex: PGD steps.", rich_help_panel="Method")]
+RampOpt = Annotated[bool, typer.Option("--ramp", help="ibp-ex/ibp-ex-rrr: Heo's per-epoch schedules, α from --alpha to --alpha/2 and ε from --eps-start to --eps-start + --eps.", rich_help_panel="Method")]
+EpsStartOpt = Annotated[Optional[float], typer.Option("--eps-start", help="ibp-ex/ibp-ex-rrr with --ramp: ε of the first epoch (default 0).", rich_help_panel="Method")]
 StepSizeOpt = Annotated[Optional[float], typer.Option("--step-size", help="r4-adv/pgd-ex: PGD step (default ε/4 for r4-adv, ε/steps for pgd-ex).", rich_help_panel="Method")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation data: per-epoch accuracy, --select best, and the choice between several --lambda values.", rich_help_panel="Data")]
 SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values by validation accuracy or loss.", rich_help_panel="Method")]
@@ -61,13 +63,14 @@ def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, s
 
 
 def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon_loss=None, eps=None, samples=None,
-             steps=None, step_size=None) -> dict:
+             steps=None, step_size=None, ramp=False, eps_start=None) -> dict:
     """Method options the user gave, each refused on a method it does not apply to."""
     layer_key = "layer" if "layer" in method.hyperparameters else "layers"  # Grad-CAM takes one layer, TAP several
     given = {layer_key: ("--layers", layers), "norm": ("--tap-norm", tap_norm), "target": ("--rrr-target", rrr_target),
              "alpha": ("--alpha", alpha), "beta": ("--beta", beta), "variant": ("--crayon-loss", crayon_loss),
              "eps": ("--eps", eps), "samples": ("--samples", samples), "steps": ("--steps", steps),
-             "step_size": ("--step-size", step_size)}
+             "step_size": ("--step-size", step_size), "ramp": ("--ramp", ramp or None),
+             "eps_start": ("--eps-start", eps_start)}
     hparams = {}
     for key, (option, value) in given.items():
         if value is None:
@@ -189,6 +192,8 @@ def train(
     samples: SamplesOpt = None,
     steps: StepsOpt = None,
     step_size: StepSizeOpt = None,
+    ramp: RampOpt = False,
+    eps_start: EpsStartOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
@@ -215,7 +220,8 @@ def train(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
+                       eps_start)
     _check_output(output)
     dev = _device(device)
     base = default_input_spec(arch)
@@ -263,6 +269,8 @@ def finetune(
     samples: SamplesOpt = None,
     steps: StepsOpt = None,
     step_size: StepSizeOpt = None,
+    ramp: RampOpt = False,
+    eps_start: EpsStartOpt = None,
     select_by: SelectByOpt = "accuracy",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
@@ -290,7 +298,8 @@ def finetune(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
-    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size)
+    hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
+                       eps_start)
     _check_output(output)
     model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
     sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,

@@ -68,3 +68,18 @@ def fragility(model: nn.Module, data: Dataset, eps: float, mask: torch.Tensor | 
     core = result["core"]
     result["ratio"] = result["masked"] / core if core > 0 else math.inf
     return result
+
+
+def fragility_of_test(model: nn.Module, data: Dataset, artifact, eps: float, labels: str = "random",
+                      seed: int = 0) -> dict:
+    """δ for `evaluate --fragility`: on the data's own masks when it has any, else on the artifact pasted on every
+    item (`poison` at level 1 with the first label mode and the evaluation seed, i.e. the fully poisoned test)."""
+    from .data.poison import poison
+
+    source = "masks"
+    if not bool(data.has_mask.any()):
+        if artifact is None:
+            raise DataError("--fragility needs masks of the artifact region: the data have none and no artifact is "
+                            "known", hint="pass --masks DIR or --artifact SPEC")
+        data, source = poison(data, artifact, 1.0, labels, seed=seed), "artifact pasted on every item"
+    return {**fragility(model, data, eps), "source": source}

@@ -74,6 +74,12 @@ def render_markdown(results: dict) -> str:
     lines.append("|---|" + "---:|" * len(results["levels"]))
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_pct(r["per_group"].get(g)) for r in results["levels"]) + " |")
+    frag = results.get("fragility")
+    if frag:
+        lines += ["", f"Explanation fragility δ (R4) at ε {frag['eps']:g} over {frag['n']} items ({frag['source']}): "
+                      f"masked {frag['masked']:.4g}, core {frag['core']:.4g}, ratio masked/core {frag['ratio']:.4g} "
+                      f"(max over items of the largest Cert-R4 bound width on the region; means {frag['masked_mean']:.4g} "
+                      f"and {frag['core_mean']:.4g})."]
     lines += ["", "Definitions: " + "; ".join(f"{k}: {v}" for k, v in results["definitions"].items()) + ".", ""]
     return "\n".join(lines)
 

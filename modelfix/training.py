@@ -30,6 +30,13 @@ class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+def start_epoch(objective, epoch: int, epochs: int) -> dict:
+    """Tell a scheduled objective (one with `set_epoch(epoch, epochs)`, epoch counted from 0) which epoch begins;
+    returns what it reports for the log (e.g. IBP-Ex's α and ε ramps), {} for an unscheduled one."""
+    set_epoch = getattr(objective, "set_epoch", None)
+    return dict(set_epoch(epoch, epochs) or {}) if callable(set_epoch) else {}
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run; stored in the card's history so the run can be repeated."""
@@ -165,6 +172,7 @@ def train(
             model.train()
             for bn in frozen:  # running statistics stay fixed
                 bn.eval()
+            schedule = start_epoch(objective, epoch - 1, config.epochs)
             sums: dict[str, float] = {}
             seen = 0
             for step, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=shuffle_gen), 1):
@@ -189,7 +197,7 @@ def train(
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 bar.update(task, advance=1, description=f"{description} epoch {epoch}/{config.epochs} loss {last_finite:.4f}")
-            record = {"epoch": epoch, **{k: v / seen for k, v in sums.items()}}
+            record = {"epoch": epoch, **schedule, **{k: v / seen for k, v in sums.items()}}
             if val is not None:
                 record["val_accuracy"] = accuracy(model, val)
                 if config.select == "best" and record["val_accuracy"] > best_acc:

@@ -86,3 +86,22 @@ def test_registry_builds_the_interval_methods():
     for name in ("r4-cert", "ibp-ex", "ibp-ex-rrr"):
         loss, parts = make_objective(name, model, eps=0.1)(model, batch())
         assert torch.isfinite(loss) and parts["penalty"] > 0
+
+
+def test_ibp_ex_ramps_follow_heo_per_epoch_and_reach_the_log():
+    from modelfix.data import Dataset
+    from modelfix.training import TrainConfig, train
+
+    ibp = IBPEx(alpha=0.8, eps=0.4, eps_start=0.1, ramp=True)
+    assert (ibp.alpha, ibp.eps) == (0.8, 0.1)  # epoch 0 before any training (the finetune preflight)
+    assert ibp.set_epoch(2, 4) == {"alpha": pytest.approx(0.8 - 0.5 * 0.8 * 0.5), "eps": pytest.approx(0.1 + 0.4 * 0.5)}
+    constant = IBPEx(alpha=0.8, eps=0.4, eps_start=0.1)
+    assert constant.set_epoch(3, 4) == {} and (constant.alpha, constant.eps) == (0.8, 0.4)
+    b = batch()
+    data = Dataset(x=b["x"].float(), y=b["y"], mask=b["mask"].float(), has_mask=b["has_mask"])
+    model = relu_net().float()
+    history = train(model, data, TrainConfig(epochs=3, batch_size=4), ibp, progress=False).history
+    assert [h["alpha"] for h in history] == pytest.approx([0.8 - 0.4 * e / 3 for e in range(3)])
+    assert [h["eps"] for h in history] == pytest.approx([0.1 + 0.4 * e / 3 for e in range(3)])
+    with pytest.raises(ModelfixError, match="--eps-start"):
+        IBPEx(eps_start=-1)

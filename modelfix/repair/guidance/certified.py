@@ -6,9 +6,11 @@
   through both interval passes. This is the one R4 mask term the reference code trains on DecoyMNIST.
 - IBP-Ex (Heo et al., §3.1): worst-case logits ẑ (lower bound at the true class, upper bound elsewhere), then
       loss = α·CE(f(x), y) + (1 − α)·CE(ẑ, y)    (regulariser over items with a mask only, batch mean over them).
-  Heo ramps α from α₀ to α₀/2 and ε from ε_start to ε_start + ε_max per epoch; the training loop has no per-epoch
-  schedule yet, so α and ε are constant here (R4's DecoyMNIST table runs IBP-Ex with constant ε and k as well,
-  §2.7). `rrr` > 0 adds Heo's IBP-Ex+RRR term λ_rrr·Σ_b Σ_pixels |M ⊙ ∂(Σ_k z_k)/∂x| (L1, summed over the batch).
+  With `ramp` (Heo's schedules, §3.1, updated at the start of each epoch e of E, counted from 0):
+      α_e = α₀ − 0.5·α₀·e/E,     ε_e = ε_start + ε·e/E
+  (α ends near α₀/2 and ε near ε_start + ε, not at ε: Heo's ε_max is an increment). Without it α and ε are constant,
+  as in R4's DecoyMNIST table (§2.7). `rrr` > 0 adds Heo's IBP-Ex+RRR term λ_rrr·Σ_b Σ_pixels |M ⊙ ∂(Σ_k z_k)/∂x|
+  (L1, summed over the batch).
 
 Both need a network the interval module supports (Linear, Conv2d, ReLU, pools, eval BatchNorm, Flatten, Residual);
 any other layer is refused in one line naming it.
@@ -80,17 +82,30 @@ class IBPEx:
 
     name = "ibp-ex"
     paper = HEO_PAPER
-    defaults = {"alpha": 0.5, "eps": 0.25, "rrr": 0.0}
+    defaults = {"alpha": 0.5, "eps": 0.25, "rrr": 0.0, "ramp": False, "eps_start": 0.0}
 
-    def __init__(self, alpha: float = 0.5, eps: float = 0.25, rrr: float = 0.0, loss: str = "ce"):
+    def __init__(self, alpha: float = 0.5, eps: float = 0.25, rrr: float = 0.0, ramp: bool = False,
+                 eps_start: float = 0.0, loss: str = "ce"):
         if loss != "ce":
             raise ModelfixError("ibp-ex uses cross-entropy on the worst-case logits; use --loss ce")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ModelfixError(f"--alpha must lie in [0, 1] for ibp-ex, got {alpha}")
-        self.alpha = float(alpha)
-        self.eps = check_eps(eps)
+        self.alpha0, self.eps_max = float(alpha), check_eps(eps)
+        self.eps_start = check_weight(eps_start, "--eps-start")
+        self.ramp = bool(ramp)
         self.rrr = check_weight(rrr, "ibp-ex rrr weight")
         self.loss_fn = task_loss(loss)
+        self.set_epoch(0, 1)
+
+    def set_epoch(self, epoch: int, epochs: int) -> dict:
+        """Heo's per-epoch ramps (module docstring) when `ramp`; constant α and ε otherwise."""
+        if not self.ramp:
+            self.alpha, self.eps = self.alpha0, self.eps_max
+            return {}
+        progress = epoch / max(epochs, 1)
+        self.alpha = self.alpha0 - 0.5 * self.alpha0 * progress
+        self.eps = self.eps_start + self.eps_max * progress
+        return {"alpha": self.alpha, "eps": self.eps}
 
     def penalty(self, model: nn.Module, batch: dict) -> torch.Tensor:
         x, y = batch["x"], batch["y"]

@@ -180,6 +180,8 @@ def evaluate(
     labels: Annotated[str, typer.Option("--labels", help="Comma-separated: random (the artifact encodes a random label), correlated (the true label), none (no label).", rich_help_panel="Poisoning")] = "random",
     data_root: DataRootOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 512,
+    explain: Annotated[Optional[str], typer.Option("--explain", metavar="METHOD", help="Also measure how much the model looks at the artifact, per poison level: relevance mass in the artifact mask, top-quartile overlap and pointing game, with this attribution method (gradient, gradxinput, integrated-gradients, smoothgrad, lrp, gradcam).", rich_help_panel="Explanations")] = None,
+    explain_items: Annotated[int, typer.Option("--explain-items", help="--explain: explain the first N items of the data at each level (0: all).", rich_help_panel="Explanations")] = 256,
     fragility: Annotated[Optional[float], typer.Option("--fragility", metavar="EPS", help="Also report R4's explanation fragility δ at this ε on the artifact mask, on the core and their ratio (interval bounds; Linear/Conv/ReLU/pool/BN networks).", rich_help_panel="Explanations")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json and report.md into this folder.", rich_help_panel="Output")] = None,
     trust_checkpoint: TrustOpt = False,
@@ -211,6 +213,12 @@ def evaluate(
         from .repair.guidance.pgd_ex import check_eps
 
         check_eps(fragility, "--fragility")
+    if explain is not None:
+        from .explain.attribution import check_method
+
+        check_method(explain)
+        if explain_items < 0:
+            raise ModelfixError(f"--explain-items must be >= 0 (0 = all items), not {explain_items}")
     model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
     spec = data or _default_test_split(card)
     dataset = _data(spec, data_root, seed, masks, class_names=card.class_names)
@@ -225,6 +233,8 @@ def evaluate(
         _data_info(spec, dataset),
         evaluation,
     )
+    if explain is not None:
+        results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
     if fragility is not None:
         from .fragility import fragility_of_test
 
@@ -239,6 +249,22 @@ def evaluate(
         _print_levels(results)
         if output_dir is not None:
             err.print(f"wrote {output_dir / 'results.json'} and {output_dir / 'report.md'}")
+
+
+def _reliance(model, dataset, artifact, levels, modes, method: str, items: int, seed: int) -> dict:
+    """`evaluate --explain`: the artifact-reliance metrics per poison level on the first `items` items."""
+    from .explain.attribution import attribute, default_composite, relevance_maps
+    from .explain.reliance import reliance_by_level
+
+    subset = dataset if items == 0 or items >= len(dataset) else dataset.subset(slice(0, items))
+    composite = default_composite(model)
+
+    def explainer(x, targets):
+        return relevance_maps(attribute(model, x, targets, method=method, composite=composite))
+
+    rows = reliance_by_level(model, subset, artifact, levels, modes, explainer, seed=seed, progress=True)
+    return {"method": method, "composite": composite if method == "lrp" else None, "items": len(subset),
+            "target": "true label", "levels": rows}
 
 
 def _default_test_split(card) -> str:
@@ -267,6 +293,17 @@ def _print_levels(results: dict) -> None:
     for drop in results["drops"]:
         out.print(f"drop {drop['from']:g} → {drop['to']:g} ({drop['labels']}): accuracy {pct(drop['accuracy'])} points, "
                   f"worst-group {pct(drop['worst_group_accuracy'])} points")
+    reliance = results.get("reliance")
+    if reliance:
+        table = Table(title=f"artifact reliance ({reliance['method']}, first {reliance['items']} items)")
+        for col in ("poison", "labels", "region", "items", "relevance mass %", "top-quartile recall %",
+                    "top-quartile precision %", "pointing game %"):
+            table.add_column(col, justify="right")
+        for row in reliance["levels"]:
+            table.add_row(f"{row['level']:g}", row["labels"] or "–", row.get("region", ""), str(row["n"]),
+                          pct(row["relevance_mass"]), pct(row["top_quartile_recall"]),
+                          pct(row["top_quartile_precision"]), pct(row["pointing_game"]))
+        out.print(table)
     frag = results.get("fragility")
     if frag:
         out.print(f"fragility δ at ε {frag['eps']:g} ({frag['n']} items, {frag['source']}): masked {frag['masked']:.4g}, "
@@ -495,7 +532,7 @@ def bench_egem_mnist(
                   f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
 
 
-from . import cli_bench_guided, cli_crayon, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
+from . import cli_bench_guided, cli_crayon, cli_explain, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
 
 
 def main() -> None:

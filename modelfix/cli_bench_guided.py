@@ -97,7 +97,7 @@ def bench_tap_mnist(
 @handles_errors
 def bench_cost(
     archs: Annotated[str, typer.Option("--archs", help="Comma-separated: mlp, tap-cnn, resnet18 (64×64).")] = "mlp,tap-cnn,resnet18",
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated guided methods (ERM is always measured).")] = "erm,erm-l2,tap,rrr,rbr",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated guided methods (ERM is always measured).")] = "erm,erm-l2,tap,rrr,rbr,r4-cert,ibp-ex,ibp-ex-rrr,pgd-ex,smooth-rrr,r4-rand,r4-adv",
     repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method (median reported).")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds first.")] = 2,
     threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads (0: leave as is).")] = 1,
@@ -117,16 +117,17 @@ def bench_cost(
         c, h, w = block["input"]
         table = Table(title=f"{arch} {c}×{h}×{w}, batch {block['batch_size']}, {result['device']}, "
                             f"{result['threads']} thread(s), median of {result['repeats']} steps")
-        for col in ("method", "step ms", "× ERM time", "peak MB", "× ERM memory", "target", "met"):
+        for col in ("method", "step ms", "× ERM time", "peak MB", "× ERM memory", "target / per unit", "met"):
             table.add_column(col, justify="right")
         for row in block["rows"]:
             if "error" in row:
                 table.add_row(row["method"], "–", "–", "–", "–", "–", row["error"][:60])
                 continue
-            target = row.get("target")
+            target, unit = row.get("target"), row.get("per_unit")
+            goal = (f"time ≤ {target:g}" + (f", memory ≤ {row['memory_target']:g}" if row.get("memory_target") else "")
+                    if target else f"{unit['ratio_time']:.2f} per {unit['unit']} ({unit['count']})" if unit else "")
             table.add_row(row["method"], f"{row['step_ms']:.1f}", f"{row['ratio_time']:.2f}", f"{row['peak_mb']:.1f}",
-                          f"{row['ratio_mem']:.2f}", f"≤ {target:g}" if target else "",
-                          ("yes" if row["meets_target"] else "no") if target else "")
+                          f"{row['ratio_mem']:.2f}", goal, ("yes" if row["meets_target"] else "no") if target else "")
         out.print(table)
     out.print(f"memory: {result['memory']}")
 

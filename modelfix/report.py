@@ -74,6 +74,18 @@ def render_markdown(results: dict) -> str:
     lines.append("|---|" + "---:|" * len(results["levels"]))
     for g in groups:
         lines.append(f"| {g} | " + " | ".join(_pct(r["per_group"].get(g)) for r in results["levels"]) + " |")
+    reliance = results.get("reliance")
+    if reliance:
+        lines += ["", f"Artifact reliance ({reliance['method']}, first {reliance['items']} items, explaining the "
+                      f"{reliance['target']}; %):", "",
+                  "| poison | labels | region | items | relevance mass | top-quartile recall | top-quartile precision | pointing game |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+        for row in reliance["levels"]:
+            lines.append(f"| {row['level']:g} | {row['labels'] or '–'} | {row.get('region', '')} | {row['n']} | "
+                         f"{_pct(row['relevance_mass'])} | {_pct(row['top_quartile_recall'])} | "
+                         f"{_pct(row['top_quartile_precision'])} | {_pct(row['pointing_game'])} |")
+        definitions = reliance["levels"][0].get("definitions", {}) if reliance["levels"] else {}
+        lines += [""] + [f"- {k}: {v}" for k, v in definitions.items()]
     frag = results.get("fragility")
     if frag:
         lines += ["", f"Explanation fragility δ (R4) at ε {frag['eps']:g} over {frag['n']} items ({frag['source']}): "

@@ -237,14 +237,70 @@ def test_zoo_small_nets_are_supported_and_exact_at_zero_eps(arch):
     assert (grads <= g_upper.repeat(reps, 1, 1, 1) + SLACK).all()
 
 
-def test_torchvision_block_is_refused_by_name():
+def tiny_torchvision(arch: str) -> nn.Module:
+    """Small instances of torchvision's own classes (ResNet with BasicBlock or Bottleneck, VGG with BatchNorm):
+    the stock widths take seconds to build and bound in float64."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    from torchvision.models.vgg import VGG, make_layers
+
+    torch.manual_seed(0)
+    if arch == "vgg":
+        features = make_layers([4, "M", 8, "M"], batch_norm=True)
+        with torch.device("meta"):  # the stock 25088×4096 classifier is replaced before use
+            net = VGG(features, num_classes=K, init_weights=False)
+        net.features = features
+        net.features[0] = nn.Conv2d(C, 4, 3, padding=1)
+        net.classifier = nn.Sequential(nn.Linear(8 * 7 * 7, 16), nn.ReLU(True), nn.Dropout(), nn.Linear(16, K))
+    else:
+        net = ResNet(BasicBlock if arch == "resnet-basic" else Bottleneck, [1, 1, 1, 1], num_classes=K)
+        net.conv1 = nn.Conv2d(C, 64, 7, 2, 3, bias=False)
+    net = net.to(F64)
+    _randomise_bn(net, torch.Generator().manual_seed(5))
+    return Classifier(net, InputSpec(C, H, W, (0.2, 0.5), (0.5, 0.25))).to(F64).eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet-basic", "resnet-bottleneck", "vgg"])
+def test_torchvision_resnet_and_vgg_are_bounded_soundly_and_exactly_at_zero_eps(arch):
+    """torchvision's ResNet (BasicBlock; Bottleneck, whose one ReLU module runs three times) and VGG go through
+    `_torchvision_view`: exact at ε = 0, sampled logits and gradients inside the bounds of a masked box."""
+    model = tiny_torchvision(arch)
+    x, y, mask = make_batch(2, n=2)
+    logits, grad = true_logits_and_gradients(model, x, y)
+    z_lower, z_upper, _ = interval_forward(model, x, x)
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, 0.0)
+    for got, want in ((z_lower, logits), (z_upper, logits), (g_lower, grad), (g_upper, grad)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-9), float((got - want).abs().max())
+    eps = 0.05
+    box = masked_box(x, mask, eps)
+    z_lower, z_upper, _ = interval_forward(model, box.lower, box.upper)
+    g_lower, g_upper = input_gradient_bounds(model, x, y, mask, eps)
+    pts, n = box_samples(x, mask, eps, 6, torch.Generator().manual_seed(3))
+    reps = pts.shape[0] // n
+    logits, grads = true_logits_and_gradients(model, pts, y.repeat(reps))
+    assert (logits >= z_lower.repeat(reps, 1) - SLACK).all() and (logits <= z_upper.repeat(reps, 1) + SLACK).all()
+    assert (grads >= g_lower.repeat(reps, 1, 1, 1) - SLACK).all()
+    assert (grads <= g_upper.repeat(reps, 1, 1, 1) + SLACK).all()
+    assert (g_upper - g_lower).max() > 0
+
+
+def test_a_module_listed_twice_in_a_sequential_is_applied_twice():
+    lin = nn.Linear(3, 3).to(F64)
+    net = nn.Sequential()
+    net.add_module("a", lin)
+    net.add_module("b", lin)  # the same object: named_children() would yield it once
+    x = torch.rand(2, 3, dtype=F64)
+    lower, upper, _ = interval_forward(net, x, x)
+    assert torch.allclose(lower, lin(lin(x)), atol=1e-12) and torch.allclose(upper, lin(lin(x)), atol=1e-12)
+
+
+def test_an_unknown_torchvision_block_is_refused_by_name():
     import dataclasses
 
     from modelfix.card import ModelCard
     from modelfix.zoo import build_model, default_input_spec
 
-    spec = dataclasses.replace(default_input_spec("resnet18"), height=32, width=32)
-    model = build_model(ModelCard(arch="resnet18", num_classes=3, input=spec))
+    spec = dataclasses.replace(default_input_spec("densenet121"), height=32, width=32)
+    model = build_model(ModelCard(arch="densenet121", num_classes=3, input=spec))
     x = torch.zeros(1, 3, 32, 32)
-    with pytest.raises(UnsupportedModel, match=r"module 'net' of type torchvision\.models\.resnet\.ResNet"):
+    with pytest.raises(UnsupportedModel, match=r"module 'net' of type torchvision\.models\.densenet\.DenseNet"):
         interval_forward(model, x, x)

@@ -137,7 +137,8 @@ def _targets(targets: str | int, y: Tensor, x: Tensor, predict_fn: Callable[[Ten
 
 
 def _pixel_maps(maps: Tensor, x: Tensor) -> Tensor:
-    """The explainer's output as N×H×W `|R|`: N×C×H×W maps are reduced by `Σ_c |R_c|` (as TAP and `relevance_share`)."""
+    """The explainer's output as N×H×W maps; N×C×H×W maps are reduced to `Σ_c |R_c|` (as TAP's overlap script
+    and `lrp.relevance_share` do)."""
     maps = torch.as_tensor(maps).detach()
     n, _, h, w = x.shape
     if maps.dim() == 4:

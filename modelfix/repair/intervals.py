@@ -45,8 +45,37 @@ class Residual(nn.Module):
 
 SUPPORTED = (
     "Sequential, Residual, Linear, Conv2d, ReLU, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-    "BatchNorm1d/2d (running statistics), Dropout, Identity"
+    "BatchNorm1d/2d (running statistics), Dropout, Identity, and torchvision's ResNet (BasicBlock, Bottleneck) and VGG"
 )
+
+
+def _torchvision_view(module: nn.Module) -> nn.Module | None:
+    """torchvision's ResNet, its blocks and VGG written as the Sequential/Residual they compute, built from the
+    *same* module objects (shared parameters, so bounds stay differentiable in the model's weights); None for any
+    other module. Their `forward` methods call torch.flatten and add the skip in code, which a module walk cannot
+    see."""
+    from collections import OrderedDict
+
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    from torchvision.models.vgg import VGG
+
+    def seq(**parts):
+        return nn.Sequential(OrderedDict(parts))
+
+    m = module
+    if isinstance(m, BasicBlock):
+        body = seq(conv1=m.conv1, bn1=m.bn1, relu1=m.relu, conv2=m.conv2, bn2=m.bn2)
+        return seq(residual=Residual(body, m.downsample), relu=m.relu)
+    if isinstance(m, Bottleneck):
+        body = seq(conv1=m.conv1, bn1=m.bn1, relu1=m.relu, conv2=m.conv2, bn2=m.bn2, relu2=m.relu, conv3=m.conv3,
+                   bn3=m.bn3)
+        return seq(residual=Residual(body, m.downsample), relu=m.relu)
+    if isinstance(m, ResNet):
+        return seq(conv1=m.conv1, bn1=m.bn1, relu=m.relu, maxpool=m.maxpool, layer1=m.layer1, layer2=m.layer2,
+                   layer3=m.layer3, layer4=m.layer4, avgpool=m.avgpool, flatten=nn.Flatten(), fc=m.fc)
+    if isinstance(m, VGG):
+        return seq(features=m.features, avgpool=m.avgpool, flatten=nn.Flatten(), classifier=m.classifier)
+    return None
 
 
 @dataclass
@@ -148,8 +177,12 @@ def _bn_affine(name: str, bn: nn.modules.batchnorm._BatchNorm, like: torch.Tenso
 
 def _forward(module: nn.Module, name: str, lower: torch.Tensor, upper: torch.Tensor, trace: list[Step]):
     """Propagate [lower, upper] through `module`, appending one Step per leaf layer to `trace`."""
+    view = _torchvision_view(module)
+    if view is not None:
+        return _forward(view, name, lower, upper, trace)
     if isinstance(module, nn.Sequential):
-        for child_name, child in module.named_children():
+        # `_modules`, not `named_children()`: the latter skips a module object that appears twice (a shared ReLU).
+        for child_name, child in module._modules.items():
             lower, upper = _forward(child, f"{name}.{child_name}" if name else child_name, lower, upper, trace)
         return lower, upper
     if isinstance(module, Residual):

@@ -95,6 +95,7 @@ InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", help="Inp
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="Input size HxW, e.g. 28x28 (card-less checkpoints).", rich_help_panel="Model")]
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, comma-separated (card-less checkpoints).", rich_help_panel="Model")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, comma-separated (card-less checkpoints).", rich_help_panel="Model")]
+EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="With --report: test data for the before/after accuracy (clean and poisoned), artifact reliance and heatmaps (a folder, bundle or SCENARIO[:SPLIT]; default: the test split of the model's scenario).", rich_help_panel="Output")]
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -265,6 +266,22 @@ def _reliance(model, dataset, artifact, levels, modes, method: str, items: int, 
     rows = reliance_by_level(model, subset, artifact, levels, modes, explainer, seed=seed, progress=True)
     return {"method": method, "composite": composite if method == "lrp" else None, "items": len(subset),
             "target": "true label", "levels": rows}
+
+
+def _assessment(after, card, eval_data, data_root, seed, before=None) -> dict:
+    """The before/after evidence of a repair report (`modelfix.assessment.assess`) on --eval-data, else on the test
+    split of the model's scenario; a note instead when neither is known."""
+    from .assessment import assess
+
+    spec = eval_data or (_default_test_split(card) if (card.dataset or {}).get("scenario") else None)
+    if spec is None:
+        return {"evaluation_note": "no --eval-data and the model card names no scenario, so the report has no "
+                                   "before/after metrics"}
+    data = _data(spec, data_root, seed, class_names=card.class_names)
+    _check_fits(data, card, spec)
+    result = assess(after, data, card.artifact or data.info.get("artifact"), before=before, seed=seed)
+    result["evaluation"]["spec"] = spec
+    return result
 
 
 def _default_test_split(card) -> str:

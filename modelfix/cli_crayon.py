@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
+from .cli import (ArchOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
                   NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _load, app, err,
                   handles_errors, out)
 from .errors import ModelfixError
@@ -194,7 +194,8 @@ def prune_crayon(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the last-layer fine-tune.", rich_help_panel="Training")] = 1e-4,
     weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel="Training")] = 1e-4,
     batch_size: BatchOpt = 128,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Also write repair.json and repair.md into this folder.", rich_help_panel="Output")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, heatmaps) into this folder.", rich_help_panel="Output")] = None,
+    eval_data: EvalDataOpt = None,
     data_root: DataRootOpt = None,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
@@ -239,7 +240,10 @@ def prune_crayon(
     save_model(pruned.cpu(), new_card, output, inputs=[model_path, feedback])
     document = json_safe({"schema": "modelfix.repair/v1", "model": str(model_path), "output": str(output), **entry})
     if report is not None:
-        write_repair_report(report, document, render_crayon_markdown)
+        from .cli import _assessment
+
+        full = {**document, **_assessment(pruned, card, eval_data, data_root, seed, model)}
+        write_repair_report(report, json_safe(full), render_crayon_markdown)
     for warning in trace.get("warnings", []):
         err.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
     if json_output:
@@ -249,4 +253,4 @@ def prune_crayon(
               f"({'random' if random else 'the no verdicts'}); training accuracy "
               f"{100 * trace.get('accuracy_before', float('nan')):.2f} % → "
               f"{100 * trace.get('accuracy_after', trace.get('accuracy_before', float('nan'))):.2f} %")
-    out.print(f"wrote {output}" + (f" and {report}/repair.md" if report is not None else ""))
+    out.print(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, SeedOpt,
+from .cli import (ArchOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, SeedOpt,
                   StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _load, app, err, handles_errors, out)
 from .errors import ModelfixError
 
@@ -24,7 +24,7 @@ KeepIncorrectOpt = Annotated[bool, typer.Option("--keep-incorrect", help="Also u
 SlackOpt = Annotated[float, typer.Option("--slack", help="Strongest setting whose validation accuracy is ≥ (1 − s)·original.", rich_help_panel="Selection")]
 SlackModeOpt = Annotated[str, typer.Option("--slack-mode", help="relative ((1 − s)·original) or absolute (original − s).", rich_help_panel="Selection")]
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Where to write the repaired .safetensors.", rich_help_panel="Output")]
-ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write repair.json and repair.md into this folder.", rich_help_panel="Output")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, selection trace, heatmaps) into this folder.", rich_help_panel="Output")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")]
 
 
@@ -55,9 +55,24 @@ def _refinement(model, card, clean_dir, scenario, data_root, seed, samples, keep
     return spec, pool, split
 
 
+def _selection(trace: dict) -> dict | None:
+    """The α/λ trace as the report's selection rows (validation accuracy per setting, the chosen one marked)."""
+    from .assessment import selection_rows
+
+    rows = trace.get("selection")
+    if not rows:
+        return None
+    key = "alpha" if "alpha" in trace else "lambda"
+    values = [row[key] for row in rows]
+    return {"parameter": "α" if key == "alpha" else "λ", "score_name": "validation accuracy",
+            "rows": selection_rows(values, [row["val_acc"] for row in rows], values.index(trace[key])
+                                   if trace[key] in values else -1, [row["passed"] for row in rows])}
+
+
 def _finish(model, card, model_path, output, report_dir, command, config, trace, spec, pool, fold_info, json_output,
-            clean_inputs):
+            clean_inputs, before=None, eval_data=None, data_root=None, seed=0):
     from .checkpoint import save_model, sha256_file
+    from .cli import _assessment
     from .report import json_safe, write_repair_report
 
     entry = {"command": command, "method": trace["method"], "config": config, "data": _data_info(spec, pool),
@@ -66,15 +81,17 @@ def _finish(model, card, model_path, output, report_dir, command, config, trace,
                                    provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
                                                "parent_card": card.fingerprint()})
     save_model(model.cpu(), new_card, output, inputs=[model_path, *clean_inputs])
-    document = json_safe({"schema": "modelfix.repair/v1", "command": command, "model": str(model_path),
-                          "output": str(output), **entry})
+    document = {"schema": "modelfix.repair/v1", "command": command, "model": str(model_path), "output": str(output),
+                **entry}
     if report_dir is not None:
-        write_repair_report(report_dir, document)
+        document.update(selection=_selection(trace), **_assessment(model, card, eval_data, data_root, seed, before))
+        write_repair_report(report_dir, json_safe(document))
+    document = json_safe({k: v for k, v in document.items() if k != "heatmaps"})
     if json_output:
         print(json.dumps(document))
         return
     _print_trace(trace, fold_info)
-    out.print(f"wrote {output}" + (f" and {report_dir}/repair.md" if report_dir is not None else ""))
+    out.print(f"wrote {output}" + (f" and {report_dir}/report.html" if report_dir is not None else ""))
 
 
 def _print_trace(trace: dict, fold_info: dict | None) -> None:
@@ -134,6 +151,7 @@ def prune_egem(
     approve_mask: Annotated[Optional[Path], typer.Option("--approve-mask", help="Masks of RELEVANT regions mirroring the clean folder: keep a sample only if enough of its |LRP| falls inside.", rich_help_panel="Data")] = None,
     min_relevance: Annotated[float, typer.Option("--min-relevance", help="Share of |LRP| inside the --approve-mask region needed to approve a sample.", rich_help_panel="Data")] = 0.75,
     report: ReportOpt = None,
+    eval_data: EvalDataOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     trust_checkpoint: TrustOpt = False,
@@ -181,7 +199,7 @@ def prune_egem(
                 "schedule": schedule, "conv_mode": conv_mode, "explainer": explainer, "samples_per_class": samples_per_class,
                 "keep_incorrect": keep_incorrect, "seed": seed, "fold": fold}
     _finish(repaired, card, model_path, output, report, "prune-egem", settings, trace, spec, pool, fold_info, json_output,
-            [Path(p) for p in (clean_dir, approve_mask) if p])
+            [Path(p) for p in (clean_dir, approve_mask) if p], model, eval_data, data_root, seed)
 
 
 @app.command("refit", epilog="Example: modelfix refit runs/model.safetensors --clean-dir data/clean --method rgem -o runs/rgem.safetensors")
@@ -198,6 +216,7 @@ def refit(
     samples_per_class: SamplesOpt = 700,
     keep_incorrect: KeepIncorrectOpt = False,
     report: ReportOpt = None,
+    eval_data: EvalDataOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     trust_checkpoint: TrustOpt = False,
@@ -233,4 +252,4 @@ def refit(
     settings = {"method": method, "lambda": lam, "slack": slack, "slack_mode": slack_mode,
                 "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "seed": seed}
     _finish(repaired, card, model_path, output, report, "refit", settings, trace, spec, pool, None, json_output,
-            [Path(clean_dir)] if clean_dir else [])
+            [Path(clean_dir)] if clean_dir else [], model, eval_data, data_root, seed)

@@ -25,7 +25,8 @@ DEFINITIONS = {
     "poisoned_accuracy": "accuracy at the highest poison level evaluated (its first label mode)",
     "gap": "clean_accuracy minus poisoned_accuracy (the shortcut's cost; shown in percentage points)",
     "worst_group_accuracy": "the lowest worst-group accuracy over all evaluated levels",
-    "relevance_mass": "share of absolute relevance on the artifact at the highest poison level (where measured)",
+    "relevance_mass": "share of absolute relevance on the artifact at the highest poison level (where measured; "
+                      "reliance.after for repairs)",
     "source": "evaluation.after for repairs (the repaired model), levels for evaluate runs",
 }
 
@@ -60,6 +61,13 @@ def _rows(block) -> list[dict]:
     return [r for r in block if isinstance(r, dict)] if isinstance(block, list) else []
 
 
+def _reliance_rows(reliance) -> list[dict]:
+    """The reliance rows of the run's model: a list, evaluate's `{…, "levels": rows}`, or a repair's `after`."""
+    if isinstance(reliance, dict):
+        return _reliance_rows(reliance["levels"] if "levels" in reliance else reliance.get("after"))
+    return _rows(reliance)
+
+
 def _highest(rows: list[dict]) -> dict | None:
     """The first row at the highest poison level (level > 0), or None."""
     poisoned = [r for r in rows if (_number(r.get("level")) or 0.0) > 0]
@@ -84,10 +92,7 @@ def summarise(run: str, path: Path, results: dict) -> dict:
     clean_acc = _number((clean or {}).get("accuracy"))
     poisoned_acc = _number((poisoned or {}).get("accuracy"))
     worst = [w for w in (_number(r.get("worst_group_accuracy")) for r in levels) if w is not None]
-    reliance = results.get("reliance")
-    if isinstance(reliance, dict):
-        reliance = reliance.get("after")
-    mass_row = _highest(_rows(reliance))
+    mass_row = _highest(_reliance_rows(results.get("reliance")))
     model = results.get("model")
     return {
         "run": run,
@@ -179,7 +184,7 @@ def _same(a: Path, b: Path) -> bool:
 @app.command("report", epilog="Example: modelfix report runs/shortcut runs/egem runs/rrr -o runs/comparison")
 @handles_errors
 def report(
-    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Run folders holding a results.json (or the results.json files).")],
+    dirs: Annotated[list[Path], typer.Argument(metavar="DIR", help="Run folders holding a results.json (or the results.json files).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for comparison.json, report.md and report.html (not one of the inputs).")],
     json_output: JsonOpt = False,
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
+from .cli import (ArchOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
                   NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _floats, _load, app,
                   handles_errors, out)
 from .errors import ModelfixError
@@ -49,7 +49,7 @@ MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", help="SGD mo
 LossOpt = Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")]
 GradClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm (default: the method's, else none).", rich_help_panel="Training")]
 SelectOpt = Annotated[str, typer.Option("--select", help="final, or best (best validation accuracy) epoch of each run.", rich_help_panel="Training")]
-ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write repair.json and repair.md into this folder.", rich_help_panel="Output")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, the λ sweep, heatmaps) into this folder.", rich_help_panel="Output")]
 
 
 def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select):
@@ -146,20 +146,36 @@ def _print_sweep(doc: dict) -> None:
     out.print(table)
 
 
-def _write(model, card, output, doc, report, json_output, inputs) -> None:
+def _selection(sweep: dict) -> dict | None:
+    """The λ sweep as the report's selection rows (validation accuracy per λ), when there was validation data."""
+    from .assessment import selection_rows
+
+    runs = sweep["runs"]
+    if not runs or any(run.get("val_accuracy") is None for run in runs):
+        return None
+    return {"parameter": "λ", "score_name": "validation accuracy",
+            "rows": selection_rows([run["lambda"] for run in runs], [run["val_accuracy"] for run in runs],
+                                   sweep["chosen"])}
+
+
+def _write(model, card, output, doc, report, json_output, inputs, before=None, eval_data=None, data_root=None,
+           seed=0) -> None:
     from .checkpoint import save_model
-    from .report import render_finetune_markdown, write_repair_report
+    from .cli import _assessment
+    from .report import json_safe, render_finetune_markdown, write_repair_report
 
     save_model(model.cpu(), card, output, inputs=inputs)
     if report is not None:
-        write_repair_report(report, doc, render_finetune_markdown)
+        full = {**doc, "selection": _selection(doc["sweep"]),
+                **_assessment(model, card, eval_data, data_root, seed, before)}
+        write_repair_report(report, json_safe(full), render_finetune_markdown)
     if json_output:
         print(json.dumps(doc))
         return
     _print_sweep(doc)
     if "train_accuracy" in doc:
         out.print(f"training accuracy {100 * doc['train_accuracy']:.2f} %")
-    out.print(f"wrote {output}" + (f" and {report}/repair.md" if report is not None else ""))
+    out.print(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
 
 
 def _check_output(output: Path) -> None:
@@ -205,6 +221,7 @@ def train(
     grad_clip: GradClipOpt = None,
     select: SelectOpt = "final",
     report: ReportOpt = None,
+    eval_data: EvalDataOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     seed: SeedOpt = 0,
@@ -244,7 +261,8 @@ def train(
     doc["train_accuracy"] = accuracy(sweep.model, train_data)
     card = card.with_history({"command": "train", "method": method, "config": config.to_dict(), "data": data,
                               "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]})
-    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks, feedback) if p])
+    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks, feedback) if p],
+           None, eval_data, data_root, seed)
 
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
@@ -282,6 +300,7 @@ def finetune(
     grad_clip: GradClipOpt = None,
     select: SelectOpt = "final",
     report: ReportOpt = None,
+    eval_data: EvalDataOpt = None,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -312,7 +331,7 @@ def finetune(
                                    provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
                                                "parent_card": card.fingerprint()})
     _write(sweep.model, new_card, output, doc, report, json_output,
-           [model_path, *(Path(p) for p in (data, val, masks, feedback) if p)])
+           [model_path, *(Path(p) for p in (data, val, masks, feedback) if p)], model, eval_data, data_root, seed)
 
 
 @app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")

@@ -114,6 +114,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)  # mkstemp creates 0600; a report is meant to be shared, so use the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,12 +124,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_run(out_dir: Path, results: dict) -> list[Path]:
-    """results.json and report.md into `out_dir`."""
-    out_dir = Path(out_dir)
+    """results.json, report.md and report.html into `out_dir`."""
+    return _write_reports(Path(out_dir), results, render_markdown(results))
+
+
+def _write_reports(out_dir: Path, doc: dict, markdown: str) -> list[Path]:
+    from .report_html import write_html
+
     json_path, md_path = out_dir / "results.json", out_dir / "report.md"
-    write_text_atomic(json_path, json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
-    write_text_atomic(md_path, render_markdown(results))
-    return [json_path, md_path]
+    write_text_atomic(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(md_path, markdown)
+    return [json_path, md_path, write_html(out_dir, json_safe(doc), markdown)]
 
 
 def render_repair_markdown(doc: dict) -> str:
@@ -227,9 +235,9 @@ def render_crayon_markdown(doc: dict) -> str:
 
 
 def write_repair_report(out_dir: Path, doc: dict, render=render_repair_markdown) -> list[Path]:
-    """repair.json and repair.md (rendered by `render`) into `out_dir`."""
-    out_dir = Path(out_dir)
-    json_path, md_path = out_dir / "repair.json", out_dir / "repair.md"
-    write_text_atomic(json_path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-    write_text_atomic(md_path, render(doc))
-    return [json_path, md_path]
+    """results.json, report.md (rendered by `render`, then the before/after table of `doc`'s assessment) and
+    report.html into `out_dir`."""
+    from .assessment import accuracy_table
+
+    markdown = render(doc) + "\n" + "\n".join(accuracy_table(doc))
+    return _write_reports(Path(out_dir), doc, markdown)

@@ -7,7 +7,8 @@ The page is built from `results.json` (schema `modelfix.results/v1`; every key b
   clean (poison 0) against poisoned accuracy, one series per phase;
 - `selection` `{parameter, score_name, rows: [{value, score, chosen, passed?}], percent?}`: the trace as a plot
   and a table (`percent` defaults to true when the score is an accuracy);
-- `reliance`: a list of rows per poison level, or `{before: [...], after: [...]}`;
+- `reliance`: rows per poison level (a list, or evaluate's `{method, items, target, levels: [...]}`), or
+  `{before: …, after: …}` of those;
 - `heatmaps` `{method, items: [{index, label, input, before, after}]}` with base64 PNGs: a grid, one row per sample;
 
 then the run's report.md converted to HTML, then the raw results.json in a collapsed block. Charts come from
@@ -364,13 +365,31 @@ RELIANCE_METRICS = (("relevance_mass", "relevance mass"), ("top_quartile_recall"
                     ("top_quartile_precision", "top-quartile precision"), ("pointing_game", "pointing game"))
 
 
+def _reliance_rows(block) -> list[dict] | None:
+    """The rows of one reliance block: a list of rows, or evaluate's `{method, items, target, levels: [rows]}`."""
+    rows = block.get("levels") if isinstance(block, dict) else block
+    if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+        return rows
+    return None
+
+
 def _reliance_section(reliance) -> list[str]:
-    if isinstance(reliance, list):
-        phases = {"": [r for r in reliance if isinstance(r, dict)]}
+    """`reliance` is one block (a list of rows, or `{…, "levels": rows}`) or `{phase: block}` (before/after)."""
+    single = _reliance_rows(reliance)
+    if single is not None:
+        phases, blocks = {"": single}, [reliance]
+    elif isinstance(reliance, dict):
+        phases = {str(k): rows for k, v in reliance.items() if (rows := _reliance_rows(v)) is not None}
+        blocks = [reliance[k] for k in phases]
     else:
-        phases = _phases(reliance, None)
+        return []
     if not any(phases.values()):
         return []
+    about = next((b for b in blocks if isinstance(b, dict) and b.get("method")), None)
+    how = "" if about is None else (
+        f" Explanations: {about['method']}" + (f" ({about['composite']})" if about.get("composite") else "")
+        + (f", first {about['items']} items" if about.get("items") is not None else "")
+        + (f", explaining the {about['target']}" if about.get("target") else "") + ".")
     all_rows = [r for rows in phases.values() for r in rows]
     metrics = [(key, name) for key, name in RELIANCE_METRICS if any(key in r for r in all_rows)]
     has_region = any(r.get("region") for r in all_rows)
@@ -390,7 +409,7 @@ def _reliance_section(reliance) -> list[str]:
         rows.append(row)
     numeric = [True, False] + ([False] if has_region else []) + [True] * (1 + len(metrics) * len(phases))
     return ["<section>", "<h2>Artifact reliance</h2>",
-            "<p>Shares of each explanation on the artifact (higher means more reliance on the shortcut).</p>",
+            f"<p>Shares of each explanation on the artifact (higher means more reliance on the shortcut).{_esc(how)}</p>",
             _table(headers, rows, numeric, groups), "</section>"]
 
 

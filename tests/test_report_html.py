@@ -134,9 +134,16 @@ def evaluate_results() -> dict:
         "drops": [{"from": 0.0, "to": 1.0, "labels": "random", "accuracy": 0.835, "macro_group_accuracy": 0.835,
                    "worst_group_accuracy": 0.91}],
         "definitions": {"accuracy": "share of items predicted correctly", "worst-group": "lowest group <accuracy>"},
-        "reliance": [{"level": 0.0, "labels": None, "region": "footprint", "n": 500, "relevance_mass": 0.0211},
-                     {"level": 1.0, "labels": "random", "region": "pasted", "n": 500, "relevance_mass": 0.7777}],
+        "reliance": {"method": "lrp", "composite": "epsilon_plus_flat", "items": 500, "target": "true label",
+                     "levels": [reliance_row(0.0, None, "footprint", 0.0211, {"relevance_mass": "share <inside>"}),
+                                reliance_row(1.0, "random", "pasted", 0.7777)]},
     }
+
+
+def reliance_row(lvl, labels, region, mass, definitions=None):
+    row = {"level": lvl, "labels": labels, "region": region, "n": 500, "relevance_mass": mass,
+           "top_quartile_recall": 0.5, "top_quartile_precision": 0.125, "pointing_game": 0.0}
+    return row if definitions is None else {**row, "definitions": definitions}
 
 
 @pytest.fixture
@@ -183,12 +190,12 @@ def test_markdown_of_an_evaluate_report_keeps_its_tables():
     out = markdown_to_html(render_markdown(results))
     page = Page(out)
     assert not page.errors
-    assert page.tags.count("table") == 2  # the levels and the per-group accuracy
-    assert page.tags.count("ul") == 2  # model/data/artifact and the drops
+    assert page.tags.count("table") == 3  # the levels, the per-group accuracy, the reliance
+    assert page.tags.count("ul") == 3  # model/data/artifact, the drops, the reliance definitions
     text = "".join(page.text)
-    for number in ("96.00", "12.50", "99.90", "0.00 (8)", "83.50"):
+    for number in ("96.00", "12.50", "99.90", "0.00 (8)", "83.50", "77.77", "12.50"):
         assert number in text
-    assert "lowest group <accuracy>" in text and "&lt;accuracy&gt;" in out
+    assert "lowest group <accuracy>" in text and "&lt;accuracy&gt;" in out and "share <inside>" in text
 
 
 # ---- charts -------------------------------------------------------------------------------------------------------
@@ -259,16 +266,20 @@ def test_evaluate_page_without_matplotlib_keeps_tables(no_matplotlib):
     assert NO_CHART in shown and page.images == [] and "img" not in page.tags
     for number in ("96.00", "70.00", "12.50", "99.90", "0.00 (8)", "2.11", "77.77"):
         assert number in shown, number
-    # the metrics table, the reliance table and the two tables of report.md
-    assert page.tags.count("table") == 4
+    assert "Explanations: lrp (epsilon_plus_flat), first 500 items, explaining the true label." in shown
+    # the metrics table, the reliance table and the three tables of report.md
+    assert page.tags.count("table") == 5
 
 
 def test_page_skips_invalid_images_and_missing_sections():
     results = {"command": "finetune", "heatmaps": {"items": [{"index": 0, "before": "not-base64!",
-                                                              "after": b64(b"GIF89a....")}]}}
+                                                              "after": b64(b"GIF89a....")}]},
+               "reliance": [{"level": 1.0, "labels": "random", "n": 7, "relevance_mass": 0.4321}]}
     page = well_formed(render_html(results, ""))
-    assert page.images == [] and "".join(page.text).count("–") >= 2
-    assert "Accuracy" not in "".join(page.text)  # no levels, no metrics section
+    shown = "".join(page.text)
+    assert page.images == [] and shown.count("–") >= 2
+    assert "Accuracy" not in shown and "Selection" not in shown  # no levels, no selection: no such sections
+    assert "relevance mass %" in shown and "43.21" in shown and "pointing game" not in shown
 
 
 # ---- modelfix report ----------------------------------------------------------------------------------------------
@@ -330,3 +341,21 @@ def test_report_command_errors(tmp_path):
     assert_one_line_error(run("report", bad, "-o", tmp_path / "o"), "results.json", "command")
     assert_one_line_error(run("report", good, "-o", good), "-o", "input")
     assert not (tmp_path / "o").exists()  # nothing written when an input is bad
+
+
+def test_summaries_of_other_shapes(tmp_path):
+    from modelfix.cli_report import run_names, summarise
+
+    results = repair_results()
+    results["reliance"] = {phase: {"method": "lrp", "items": 200, "levels": rows}
+                           for phase, rows in results["reliance"].items()}
+    row = summarise("x", tmp_path, results)
+    assert (row["relevance_mass"], row["poisoned_accuracy"], row["source"]) == (0.1234, 0.8901, "evaluation.after")
+    shown = "".join(Page(render_html(results, "")).text)
+    assert "65.43" in shown and "12.34" in shown and "Explanations: lrp, first 200 items." in shown
+    empty = summarise("y", tmp_path, {"command": "finetune", "method": "rrr"})
+    assert empty["source"] is None and all(empty[k] is None for k in ("clean_accuracy", "gap", "relevance_mass"))
+    for name in ("a/run", "b/run", "c/other"):
+        (tmp_path / name).mkdir(parents=True)
+    paths = [tmp_path / "a/run", tmp_path / "b/run", tmp_path / "c/other"]
+    assert run_names(paths) == [str(paths[0]), str(paths[1]), "other"]

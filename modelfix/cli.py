@@ -184,7 +184,7 @@ def evaluate(
     explain: Annotated[Optional[str], typer.Option("--explain", metavar="METHOD", help="Also measure how much the model looks at the artifact, per poison level: relevance mass in the artifact mask, top-quartile overlap and pointing game, with this attribution method (gradient, gradxinput, integrated-gradients, smoothgrad, lrp, gradcam).", rich_help_panel="Explanations")] = None,
     explain_items: Annotated[int, typer.Option("--explain-items", help="--explain: explain the first N items of the data at each level (0: all).", rich_help_panel="Explanations")] = 256,
     fragility: Annotated[Optional[float], typer.Option("--fragility", metavar="EPS", help="Also report R4's explanation fragility δ at this ε on the artifact mask, on the core and their ratio (interval bounds; Linear/Conv/ReLU/pool/BN networks).", rich_help_panel="Explanations")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json and report.md into this folder.", rich_help_panel="Output")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json, report.md and report.html into this folder.", rich_help_panel="Output")] = None,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -249,7 +249,7 @@ def evaluate(
     else:
         _print_levels(results)
         if output_dir is not None:
-            err.print(f"wrote {output_dir / 'results.json'} and {output_dir / 'report.md'}")
+            err.print(f"wrote {output_dir / 'results.json'}, {output_dir / 'report.md'} and {output_dir / 'report.html'}")
 
 
 def _reliance(model, dataset, artifact, levels, modes, method: str, items: int, seed: int) -> dict:
@@ -549,7 +549,7 @@ def bench_egem_mnist(
                   f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
 
 
-from . import cli_bench_guided, cli_crayon, cli_explain, cli_posthoc, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
+from . import cli_bench_guided, cli_crayon, cli_demo, cli_explain, cli_posthoc, cli_report, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
 
 
 def main() -> None:

@@ -1,27 +1,29 @@
 """`modelfix demo`: the whole story on the embedded decoy digits, on a CPU, in minutes — train a model that takes
-the corner-patch shortcut, show the shortcut, repair it with every method family, and compare.
+a Clever Hans tag as a shortcut, show the shortcut, repair it with every method family, and compare.
 
-1. data: the `decoy-digits` scenario (scikit-learn's bundled digits, no download). Every training image carries
-   DecoyMNIST's corner patch in its label's grey level (and its mask); `clean` is the post-hoc refinement pool;
-   `test-clean` is the test set, poisoned on the fly by `evaluate`.
-2. the shortcut: `tap-cnn` trained from scratch with plain ERM on the training split.
+1. data: the `tagged-digits` scenario (scikit-learn's bundled digits, no download): a white 4×4 tag in the top-left
+   corner on 80 % of the training 8s (EGEM's modified-MNIST recipe), the tag's masks on those items; `clean` (the
+   training items without the tag) is the post-hoc refinement pool; `test` is the clean test set, which `evaluate`
+   poisons on the fly.
+2. the shortcut: `egem-cnn` trained from scratch with plain ERM on the training split. It reads the digits *and*
+   takes the tag as "8": clean accuracy stays high, pasting the tag on every test image sends many to class 8.
 3. repairs, each from a deep copy of that same model, through the library functions the commands call:
    EGEM, PCA-EGEM (`prune-egem`), RGEM, Ridge (`refit`), CRAYON-PRUNING with simulated neuron feedback
    (`feedback simulate --kind neurons` + `prune-crayon`), TAP, RRR and Cert-R4 (`finetune --method tap|rrr|r4-cert`).
-4. every model on the test digits three ways: clean (no patch), contaminated (the patch tells the truth) and
-   poisoned (every image patched with a uniformly random label's grey level: the patch lies).
+4. every model on the test digits clean and poisoned (the tag pasted on every image, `evaluate --poison 1`);
+   gap = clean − poisoned, the accuracy the shortcut costs.
 
-`tap-cnn` is the one zoo architecture every method accepts: conv feature maps for TAP, activations for EGEM, a last
-Linear for RGEM/Ridge, interval bounds for Cert-R4, and a *spatial* layer (`pool2`) that feeds the last Linear
-through a flatten, which CRAYON-PRUNING prunes and the simulated feedback can judge by where the patch lies (a dense
-layer's "patch" is the whole image). `egem-cnn` is faster but has a dense layer before its head, and on these digits
-it ignores the patch altogether.
+`egem-cnn` (the EGEM paper's MNIST net: conv 8@3×3, conv 16@5×5, fc 200, fc 10) is supported by every method: conv
+feature maps for TAP, refinement points for EGEM/PCA-EGEM, a last Linear for RGEM/Ridge, interval bounds for
+Cert-R4, and a dense layer (`relu3`) feeding the last Linear for CRAYON-PRUNING, whose simulated feedback judges a
+unit by whether its top-activating training images carry the tag. It is small enough for the CPU budget; `tap-cnn`
+(100-channel convs) takes the shortcut as well but costs about ten times as much per step, and its only
+position-aware layer before the head is the 14,400-wide flatten, too wide for PCA-EGEM's covariance.
 
-The shortcut gap. A model trained with the patch on every image reads the digit *and* the patch, and an image
-without the patch is out of distribution for it (an empty corner looks like a dark patch), so its clean accuracy is
-low as well; clean − poisoned therefore hides the shortcut. What the shortcut does is make the accuracy depend on
-what the patch says: `gap = contaminated − poisoned` (TAP's Δ, sign flipped). A model that ignores the patch has a
-gap near 0 whatever its accuracy.
+Why not `decoy-digits` (DecoyMNIST's label-coloured corner patch on every training image): there the patch is on
+every training image, so a clean test image (empty corner) is out of distribution for every model and clean −
+poisoned does not measure the shortcut; and a CNN trained briefly on those digits mostly reads the digit (the
+patch's 10 grey levels are a harder feature for it than the digit's shape), so the shortcut is weak.
 
 Budgets (`BUDGETS`): the methods keep their command defaults except where a setting is named in the row's
 `settings` (what was reduced for the CPU budget, or chosen because the default does not remove the shortcut here).
@@ -47,16 +49,16 @@ from .evaluate import evaluate
 from .training import TrainConfig, train
 from .zoo import build_model, default_input_spec
 
-SCENARIO = "decoy-digits"
-ARCH = "tap-cnn"
+SCENARIO = "tagged-digits"
+ARCH = "egem-cnn"
 SCHEMA = "modelfix.demo/v1"
 
 DEFINITIONS = {
-    "clean": "accuracy on the test digits without the patch",
-    "contaminated": "accuracy with the patch on every test image in its true label's grey level (the patch tells the truth)",
-    "poisoned": "accuracy with the patch on every test image in a uniformly random label's grey level (the patch lies; 1 in 10 still matches)",
-    "gap": "contaminated − poisoned: how much the accuracy depends on what the patch says (0 = the patch is ignored)",
-    "worst_group_poisoned": "lowest per-class accuracy on the poisoned test images",
+    "clean": "accuracy on the clean test digits",
+    "poisoned": "accuracy with the tag pasted on every test image (evaluate --poison 1)",
+    "gap": "clean − poisoned in percentage points: the accuracy the shortcut costs (0 = the tag is ignored)",
+    "worst_group_clean": "lowest per-class accuracy on the clean test digits",
+    "worst_group_poisoned": "lowest per-class accuracy on the poisoned test digits",
     "seconds": "wall time of training (shortcut) or of the repair alone (evaluation not included)",
 }
 
@@ -81,22 +83,30 @@ class Budget:
 BUDGETS = {
     "default": Budget(train_items=None, train_epochs=3, finetune_items=1000, finetune_epochs=2, cert_items=500,
                       cert_epochs=1, crayon_items=None),
-    "quick": Budget(train_items=1078, train_epochs=3, finetune_items=400, finetune_epochs=2, cert_items=200,
+    "quick": Budget(train_items=None, train_epochs=3, finetune_items=400, finetune_epochs=2, cert_items=200,
                     cert_epochs=1, crayon_items=1078),
 }
 
-# The shortcut's training (plain ERM; the `train` command's defaults but batch 64, which gives the shortcut enough
-# steps within the budget).
-SHORTCUT_TRAIN = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64}
-# Post-hoc refinement (prune-egem / refit options). keep_incorrect: the shortcut model gets too few clean digits of
-# some classes right for the "correctly predicted only" rule to leave two samples per class in the 179-image pool.
-POSTHOC = {"samples_per_class": 700, "keep_incorrect": True, "slack": 0.05, "slack_mode": "relative"}
+# The shortcut's training: plain ERM with Adam, batch 64, lr 3e-3 (at the `train` default 1e-3 three epochs leave
+# egem-cnn underfit and blind to the tag alike; measured).
+SHORTCUT_TRAIN = {"optimizer": "adam", "lr": 3e-3, "batch_size": 64}
+# Post-hoc refinement (prune-egem / refit options): 100 correctly predicted clean samples per class; slack 0.1
+# (validation accuracy may fall to 90 % of the original): at the default 0.05 RGEM and Ridge keep the shortcut here.
+POSTHOC = {"samples_per_class": 100, "keep_incorrect": False, "slack": 0.1, "slack_mode": "relative"}
+# EGEM / PCA-EGEM refinement points: the generic default (every conv block's activation) cannot tell where in the
+# image a channel fires, and the tag's channels also fire on digit strokes; the flattened conv output and the
+# dense layer are position-aware (docs/benchmarks.md, EGEM on egem-mnist: the same finding).
+EGEM_LAYERS = "pool1,flatten,relu3"
+CRAYON_SHARE = 0.9  # simulated feedback: "no" when more than this share of a unit's top-20 gallery images is tagged
 # Guided fine-tunes (finetune --method M): the λ and optimiser overrides that remove the shortcut here (measured;
 # the methods' defaults are the papers' from-scratch settings, see the module docstring of each objective).
 FINETUNES = {
-    "TAP": ("tap", {"lam": 1e-2}, {"optimizer": "adam", "lr": 1e-3, "batch_size": 32}),
+    # TAP: with Adam the penalty dominates at any λ ≥ 1 (same result at 1 and 10), so what matters is the number of
+    # steps that drive the conv activations in the corner down: 10 epochs (2 left a gap of 19 points)
+    "TAP": ("tap", {"lam": 1.0, "layers": "conv1,conv2"}, {"optimizer": "adam", "lr": 1e-3, "batch_size": 32,
+                                                           "epochs": 10}),
     "RRR": ("rrr", {"lam": 1e-4}, {"optimizer": "adam", "lr": 1e-3, "batch_size": 32}),
-    "Cert-R4": ("r4-cert", {"lam": 5.0}, {"batch_size": 32}),
+    "Cert-R4": ("r4-cert", {"lam": 15.0}, {"batch_size": 32}),
 }
 
 
@@ -120,13 +130,13 @@ def load_setup(quick: bool = False, seed: int = 0) -> Setup:
     """The decoy-digits splits the demo uses (generated, no file read), the scenario's artifact and the budget."""
     train_data = load_scenario(SCENARIO, "train", seed=seed)
     return Setup(train=train_data, pool=load_scenario(SCENARIO, "clean", seed=seed),
-                 test=load_scenario(SCENARIO, "test-clean", seed=seed),
+                 test=load_scenario(SCENARIO, "test", seed=seed),
                  artifact=parse_artifact(train_data.info["artifact"]),
                  budget=BUDGETS["quick" if quick else "default"], seed=seed)
 
 
 def model_card(data: Dataset) -> ModelCard:
-    """The card of a fresh `tap-cnn` for `data` (its size and classes; the architecture's normalisation)."""
+    """The card of a fresh `egem-cnn` for `data` (its size and classes; the architecture's normalisation)."""
     c, h, w = data.shape
     base = default_input_spec(ARCH)
     return ModelCard(arch=ARCH, num_classes=data.num_classes, class_names=list(data.class_names),
@@ -151,22 +161,21 @@ def train_shortcut(setup: Setup) -> tuple[nn.Module, ModelCard, dict]:
 
 
 def measure(model: nn.Module, setup: Setup) -> dict:
-    """Clean, contaminated and poisoned test accuracy (one `evaluate` call), the gap and the poisoned worst group."""
-    result = evaluate(model, setup.test, setup.artifact, levels=(0.0, 1.0), labels=("correlated", "random"),
-                      seed=setup.seed, progress=False)
-    rows = {(row["level"], row["labels"]): row for row in result["levels"]}
-    clean, contaminated, poisoned = rows[(0.0, None)], rows[(1.0, "correlated")], rows[(1.0, "random")]
-    return {"clean": clean["accuracy"], "contaminated": contaminated["accuracy"], "poisoned": poisoned["accuracy"],
-            "gap": contaminated["accuracy"] - poisoned["accuracy"],
-            "clean_minus_poisoned": clean["accuracy"] - poisoned["accuracy"],
-            "worst_group_poisoned": poisoned["worst_group_accuracy"], "worst_group": poisoned["worst_group"]}
+    """Clean and poisoned test accuracy (one `evaluate` call at poison levels 0 and 1), the gap and the worst groups."""
+    result = evaluate(model, setup.test, setup.artifact, levels=(0.0, 1.0), labels=("random",), seed=setup.seed,
+                      progress=False)
+    clean, poisoned = result["levels"]
+    return {"clean": clean["accuracy"], "poisoned": poisoned["accuracy"],
+            "gap": clean["accuracy"] - poisoned["accuracy"],
+            "worst_group_clean": clean["worst_group_accuracy"], "worst_group_poisoned": poisoned["worst_group_accuracy"],
+            "worst_group": poisoned["worst_group"]}
 
 
 # ---- the repairs: each takes the shortcut model (never modified) and returns (repaired copy, settings) ---------
 
 
 def _split(model: nn.Module, setup: Setup):
-    """The post-hoc refinement split, built as `prune-egem` / `refit --scenario decoy-digits` build it."""
+    """The post-hoc refinement split, built as `prune-egem` / `refit --scenario tagged-digits` build it."""
     from .repair.refinement import refinement_split
 
     return refinement_split(model, setup.pool, samples_per_class=POSTHOC["samples_per_class"], seed=setup.seed,
@@ -181,7 +190,7 @@ def _posthoc_settings(trace: dict, key: str, **extra) -> dict:
 
 
 def repair_egem(model: nn.Module, setup: Setup, method: str = "egem", layers: str | None = None) -> tuple[nn.Module, dict]:
-    """EGEM / PCA-EGEM soft pruning (`modelfix prune-egem --scenario decoy-digits [--method pca-egem]`)."""
+    """EGEM / PCA-EGEM soft pruning (`modelfix prune-egem --scenario tagged-digits [--method pca-egem]`)."""
     from .repair.egem import EgemConfig, fit_egem
 
     config = EgemConfig(method=method, layers=layers, slack=POSTHOC["slack"], slack_mode=POSTHOC["slack_mode"])
@@ -191,7 +200,7 @@ def repair_egem(model: nn.Module, setup: Setup, method: str = "egem", layers: st
 
 
 def repair_refit(model: nn.Module, setup: Setup, method: str = "rgem") -> tuple[nn.Module, dict]:
-    """RGEM / Ridge closed-form refit of the last Linear (`modelfix refit --scenario decoy-digits --method M`)."""
+    """RGEM / Ridge closed-form refit of the last Linear (`modelfix refit --scenario tagged-digits --method M`)."""
     from .repair.lastlayer import RefitConfig, fit_refit
 
     config = RefitConfig(method=method, slack=POSTHOC["slack"], slack_mode=POSTHOC["slack_mode"])
@@ -200,21 +209,31 @@ def repair_refit(model: nn.Module, setup: Setup, method: str = "rgem") -> tuple[
 
 
 def repair_crayon(model: nn.Module, setup: Setup) -> tuple[nn.Module, dict]:
-    """CRAYON-PRUNING with simulated neuron feedback: `feedback simulate --kind neurons` (top-20 patches per channel
-    of the default layer; "no" when most touch the patch mask), then `prune-crayon` (zero those channels' columns of
-    the last Linear, fine-tune that Linear), both with the commands' defaults."""
+    """CRAYON-PRUNING with simulated neuron feedback: `feedback simulate --kind neurons` on a gallery, then
+    `prune-crayon` (zero the "no" units' columns of the last Linear, fine-tune that Linear on the training split).
+
+    The gallery is the clean pool with the tag pasted on a random half of it (every class), what a person probing
+    for the tag would show: a unit that fires for the tag then has tagged digits of every class as its top-20,
+    while a unit for the 8's shape has 8s, about half of them tagged. The simulated person says "no" to a unit when
+    more than 90 % of its top-20 carry the tag. `egem-cnn`'s judged layer is the dense `relu3`, where a unit's
+    "patch" is the whole image; with the training split as gallery (the tag on 8s only), the 8 units and the tag
+    units look alike and the majority rule prunes 5 units and leaves the shortcut (measured: gap 38 points)."""
+    from .data import poison
     from .feedback import default_feedback_layer, simulate_neurons, top_activations
     from .repair.crayon import prune_crayon
 
+    gallery = poison(_first(_shuffled(setup.pool, setup.seed), setup.budget.crayon_items), setup.artifact, 0.5,
+                     "random", seed=setup.seed)
     data = _first(setup.train, setup.budget.crayon_items)
     layer = default_feedback_layer(model)
-    top = top_activations(model, data, layer, k=20, batch_size=256, progress=False)
-    feedback, simulated = simulate_neurons(top, data, max_artifact_share=0.5)
+    top = top_activations(model, gallery, layer, k=20, batch_size=256, progress=False)
+    feedback, simulated = simulate_neurons(top, gallery, max_artifact_share=CRAYON_SHARE)
     repaired, trace = prune_crayon(model, data, feedback.prune, layer=layer, epochs=10, lr=1e-4, weight_decay=1e-4,
                                    batch_size=128, seed=setup.seed, progress=False)
-    return repaired, {"data": f"{SCENARIO}:train", "items": len(data), "layer": layer,
+    return repaired, {"gallery": f"{SCENARIO}:clean, the tag pasted on half", "gallery_items": len(gallery),
+                      "data": f"{SCENARIO}:train", "items": len(data), "layer": layer,
                       "feedback": {k: simulated[k] for k in ("k", "patch", "max_artifact_share")},
-                      "pruned": trace["n_pruned"], "channels": trace["n_channels"], "epochs": trace["epochs"],
+                      "pruned": trace["n_pruned"], "units": trace["n_channels"], "epochs": trace["epochs"],
                       "lr": trace["lr"], "weight_decay": trace["weight_decay"], "batch_size": trace["batch_size"]}
 
 
@@ -229,27 +248,37 @@ def repair_finetune(model: nn.Module, setup: Setup, name: str) -> tuple[nn.Modul
     cert = method == "r4-cert"
     items = setup.budget.cert_items if cert else setup.budget.finetune_items
     epochs = setup.budget.cert_epochs if cert else setup.budget.finetune_epochs
-    data = _first(_shuffled(setup.train, setup.seed), items)
+    data = region_masks(_first(_shuffled(setup.train, setup.seed), items), setup.artifact)
     config = TrainConfig(**{"epochs": epochs, "seed": setup.seed, **entry.train_defaults, **overrides})
     weight = {k: v for k, v in hparams.items() if k == entry.weight}
     others = {k: v for k, v in hparams.items() if k != entry.weight}
     sweep = finetune(model, data, method, config, lambdas=list(weight.values()) or None, hparams=others,
                      progress=False)
     return sweep.model.eval(), {"method": method, "data": f"{SCENARIO}:train", "items": len(data),
-                                "masks": "the scenario's patch masks", **hparams,
+                                "masks": "the tag's region on every training image", **hparams,
                                 **{k: v for k, v in config.to_dict().items() if k in
                                    ("optimizer", "lr", "momentum", "epochs", "batch_size", "weight_decay")}}
 
 
+def region_masks(data: Dataset, artifact: Artifact) -> Dataset:
+    """`data` with the artifact's footprint as the mask of EVERY item, tagged or not: the annotation says "the
+    top-left corner is irrelevant", which holds on every image. With masks on the tagged 8s only, the penalties
+    act on 8s alone and leave "tag → 8" intact on the other classes (measured here: Cert-R4's gap stayed at 32 to
+    57 points over λ 5–50 and ε 0.5–1; RRR worked either way)."""
+    _, footprint = artifact.apply(data.x[:1])
+    return dataclasses.replace(data, mask=footprint.expand(len(data), -1, -1, -1).clone(),
+                               has_mask=torch.ones(len(data), dtype=torch.bool))
+
+
 def _shuffled(data: Dataset, seed: int) -> Dataset:
-    """The items in a seeded order, so a prefix mixes digits, copies and patch corners."""
+    """The items in a seeded order, so a prefix mixes digits, copies, tagged and untagged 8s."""
     return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)))
 
 
 # name, family, repair
 REPAIRS: list[tuple[str, str, Callable[[nn.Module, Setup], tuple[nn.Module, dict]]]] = [
-    ("EGEM", "post-hoc", lambda m, s: repair_egem(m, s, "egem")),
-    ("PCA-EGEM", "post-hoc", lambda m, s: repair_egem(m, s, "pca-egem")),
+    ("EGEM", "post-hoc", lambda m, s: repair_egem(m, s, "egem", EGEM_LAYERS)),
+    ("PCA-EGEM", "post-hoc", lambda m, s: repair_egem(m, s, "pca-egem", EGEM_LAYERS)),
     ("RGEM", "post-hoc", lambda m, s: repair_refit(m, s, "rgem")),
     ("Ridge", "post-hoc", lambda m, s: repair_refit(m, s, "ridge")),
     ("CRAYON-PRUNING", "pruning", repair_crayon),
@@ -287,6 +316,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, seed: int =
              "seconds": time.perf_counter() - t0, "settings": train_settings}]
     report("shortcut", "done")
 
+    models = {SHORTCUT_ROW: shortcut}
     for name, family, repair in REPAIRS:
         report(name, "start")
         t0 = time.perf_counter()
@@ -294,6 +324,7 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, seed: int =
         seconds = time.perf_counter() - t0
         rows.append({"name": name, "family": family, **measure(repaired, setup), "seconds": seconds,
                      "settings": settings})
+        models[name] = repaired
         report(name, "done")
 
     report("report", "start")
@@ -301,18 +332,43 @@ def run_demo(out_dir: str | Path | None = None, quick: bool = False, seed: int =
         "schema": SCHEMA,
         "command": "demo",
         "settings": {"mode": "quick" if quick else "default", "seed": seed, "scenario": SCENARIO, "arch": ARCH,
-                     "artifact": str(setup.artifact), "test": f"{SCENARIO}:test-clean", "test_items": len(setup.test),
+                     "artifact": str(setup.artifact), "test": f"{SCENARIO}:test", "test_items": len(setup.test),
                      "budget": dataclasses.asdict(setup.budget)},
         "rows": rows,
         "definitions": dict(DEFINITIONS),
+        "heatmaps": heatmaps(models, setup),
         "versions": versions(),
         "files": {},
     }
+    results["seconds"] = time.perf_counter() - start  # everything but writing the files
     if out_dir is not None:
         results["files"] = write_demo(Path(out_dir), results, shortcut, card)
-    results["seconds"] = time.perf_counter() - start
     report("report", "done")
     return results
+
+
+HEATMAP_ITEMS = 6
+
+
+def heatmaps(models: dict[str, nn.Module], setup: Setup) -> dict:
+    """Gradient×input heatmaps for class 8 (the tag's class) of the same poisoned test images (the first
+    HEATMAP_ITEMS that are not 8s, where the tag misleads) under every model, as base64 PNGs for the report's grid.
+    Class 8 shows what pushes the model towards the tag's class: for the shortcut the tag, after a repair the
+    digit's strokes (the true label's maps barely differ between models: the tag acts on the 8 logit)."""
+    from .assessment import _heatmaps
+    from .data import poison
+
+    idx = torch.nonzero(setup.test.y != setup.artifact.target).flatten()[:HEATMAP_ITEMS]
+    shown = poison(setup.test.subset(idx), setup.artifact, 1.0, "random", seed=setup.seed)
+    target = torch.full_like(shown.y, setup.artifact.target)
+    maps = _heatmaps(models, dataclasses.replace(shown, y=target), "gradxinput")
+    for item, label in zip(maps["items"], shown.y.tolist()):
+        item["label"] = shown.class_names[label]
+    return {**maps, "target": f"class {setup.artifact.target} (the tag's class)", "columns": ["input", *models],
+            "caption": f"The same test digits with the tag pasted (labels 0–9 but not {setup.artifact.target}), "
+                       f"explained by every model: gradient × input for class {setup.artifact.target}, red for "
+                       "evidence for it, blue against. The shortcut's evidence for 8 is the tag in the top-left "
+                       "corner."}
 
 
 # ---- output -------------------------------------------------------------------------------------------------------
@@ -332,12 +388,12 @@ def render_markdown(results: dict) -> str:
         f"seed {s['seed']}; test: `{s['test']}` ({s['test_items']} images)",
         f"- total time {results.get('seconds', float('nan')):.1f} s",
         "",
-        "| method | family | clean % | contaminated % | poisoned % | gap (pp) | worst group poisoned % | seconds |",
+        "| method | family | clean % | poisoned % | gap (pp) | worst group clean % | worst group poisoned % | seconds |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
-        lines.append(f"| {row['name']} | {row['family']} | {_pct(row['clean'])} | {_pct(row['contaminated'])} | "
-                     f"{_pct(row['poisoned'])} | {_pct(row['gap'])} | {_pct(row['worst_group_poisoned'])} | "
+        lines.append(f"| {row['name']} | {row['family']} | {_pct(row['clean'])} | {_pct(row['poisoned'])} | "
+                     f"{_pct(row['gap'])} | {_pct(row['worst_group_clean'])} | {_pct(row['worst_group_poisoned'])} | "
                      f"{row['seconds']:.1f} |")
     lines += ["", "Columns: " + "; ".join(f"**{k}**: {v}" for k, v in results["definitions"].items()) + ".", "",
               "Settings per row:", ""]
@@ -347,19 +403,22 @@ def render_markdown(results: dict) -> str:
 
 
 def write_demo(out_dir: Path, results: dict, shortcut: nn.Module, card: ModelCard) -> dict:
-    """shortcut.safetensors (+ card), results.json and report.md into `out_dir` (created; existing files replaced).
-    Returns their paths by kind."""
+    """shortcut.safetensors (+ card), results.json, report.md and report.html into `out_dir` (created; existing
+    files replaced). Returns their paths by kind."""
     from .checkpoint import save_model
     from .report import json_safe, write_text_atomic
+    from .report_html import render_demo_html
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelfixError(f"-o {out_dir} is a file", hint="give a folder (it is created if missing)")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"model": str(out_dir / "shortcut.safetensors"), "results": str(out_dir / "results.json"),
-             "report": str(out_dir / "report.md")}
+             "report": str(out_dir / "report.md"), "html": str(out_dir / "report.html")}
     save_model(shortcut, card, files["model"])
     results = {**results, "files": files}
     write_text_atomic(Path(files["results"]), json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
-    write_text_atomic(Path(files["report"]), render_markdown(results))
+    markdown = render_markdown(results)
+    write_text_atomic(Path(files["report"]), markdown)
+    write_text_atomic(Path(files["html"]), render_demo_html(json_safe(results), markdown))
     return files

@@ -420,19 +420,22 @@ def _heatmap_section(heatmaps) -> list[str]:
     if not isinstance(heatmaps, dict) or not isinstance(heatmaps.get("items"), list):
         return []
     items = [item for item in heatmaps["items"] if isinstance(item, dict)]
-    columns = [c for c in HEATMAP_COLUMNS if any(c in item for item in items)]
+    # a report names its own columns (the demo: one per model); a repair has input, before and after
+    known = tuple(heatmaps.get("columns") or HEATMAP_COLUMNS)
+    columns = [c for c in known if any(c in item for item in items)]
     if not items or not columns:
         return []
     rows = []
     for n, item in enumerate(items):
         index = item.get("index", n)
         facts = [f"#{index}"] + [f"{k}: {v}" for k, v in item.items()
-                                 if k not in (*HEATMAP_COLUMNS, "index") and isinstance(v, (str, int, float, bool))]
+                                 if k not in (*known, "index") and isinstance(v, (str, int, float, bool))]
         caption = Markup("<br>".join(_esc(f) for f in facts))
         rows.append([caption] + [_img(item.get(c), f"sample {index}: {c}", "map") or "–" for c in columns])
     method = heatmaps.get("method")
-    what = ("The same samples explained before and after the repair, one row per sample."
-            if {"before", "after"} <= set(columns) else "The explained samples, one row per sample.")
+    what = heatmaps.get("caption") or ("The same samples explained before and after the repair, one row per sample."
+                                       if {"before", "after"} <= set(columns)
+                                       else "The explained samples, one row per sample.")
     return ["<section>", "<h2>Heatmaps" + (f" ({_esc(method)})" if method else "") + "</h2>", f"<p>{what}</p>",
             _table(["sample", *columns], rows, [False] * (1 + len(columns))), "</section>"]
 
@@ -519,6 +522,22 @@ def render_comparison_html(comparison: dict, markdown: str) -> str:
     if markdown and markdown.strip():
         body += ["<section>", "<h2>report.md</h2>", markdown_to_html(markdown, heading_offset=2), "</section>"]
     body.append(_raw(comparison, "comparison.json"))
+    return _page(title, body)
+
+
+def render_demo_html(results: dict, markdown: str) -> str:
+    """`modelfix demo`'s page: a chart of every model's clean and poisoned accuracy, the heatmaps of the same
+    poisoned test images under every model, then report.md (the table and settings) and the raw results.json."""
+    rows = [r for r in results.get("rows", []) if isinstance(r, dict)]
+    title = "modelfix demo: one shortcut, every repair"
+    series = {str(r.get("name")): {"clean": r.get("clean"), "poisoned": r.get("poisoned")} for r in rows}
+    png = comparison_bars(series) if has_matplotlib() and rows else None
+    body = [f"<h1>{_esc(title)}</h1>", "<section>", "<h2>Clean vs poisoned accuracy</h2>",
+            _chart(png, "clean and poisoned accuracy per model"), "</section>"]
+    body += _heatmap_section(results.get("heatmaps"))
+    if markdown and markdown.strip():
+        body += ["<section>", "<h2>report.md</h2>", markdown_to_html(markdown, heading_offset=2), "</section>"]
+    body.append(_raw(results, "results.json"))
     return _page(title, body)
 
 

@@ -63,7 +63,7 @@ def test_simulated_neurons_drive_prune_crayon_and_the_output_is_a_stock_checkpoi
     for j in (3, 7, 42):
         assert torch.count_nonzero(weight[:, j * 36:(j + 1) * 36]) == 0
     assert torch.count_nonzero(weight[:, 0:36]) > 0
-    assert "3, 7, 42" in (tmp_path / "rep" / "repair.md").read_text()
+    assert "3, 7, 42" in (tmp_path / "rep" / "report.md").read_text()
     random_out = tmp_path / "random.safetensors"
     result = run("prune-crayon", cnn, "--feedback", tmp_path / "pick.yaml", "--random", "--data",
                  "decoy-digits:val", "--epochs", "0", "-o", random_out, "--json")

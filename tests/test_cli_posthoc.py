@@ -39,7 +39,7 @@ def test_prune_egem_writes_a_folded_checkpoint_and_report(cnn, tmp_path):
         assert not [k for k in f.keys() if k.startswith("modelfix.patch.")]
     model, card = load_model(out)
     assert card.history[-1]["command"] == "prune-egem" and card.provenance["parent"] == str(cnn)
-    assert "selection" in (tmp_path / "report" / "repair.md").read_text()
+    assert "selection" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_pca_egem_keeps_conv_patches_that_reload(cnn, tmp_path):

@@ -43,7 +43,7 @@ def test_finetune_with_masks_shrinks_the_shortcut_gap_compared_with_erm(shortcut
     before, after_erm, after_rrr = gap(shortcut), gap(erm), gap(rrr)
     assert before > 0.25
     assert after_rrr < after_erm - 0.1, (before, after_erm, after_rrr)
-    report = (tmp_path / "report" / "repair.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
     assert "**(chosen)**" in report and "1e-05" in report
     card = json.loads(rrr.with_suffix("").with_suffix(".card.json").read_text())
     assert card["history"][-1]["command"] == "finetune" and card["history"][-1]["method"] == "rrr"

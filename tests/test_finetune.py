@@ -62,6 +62,14 @@ def test_one_run_without_lambda_uses_the_method_default_and_needs_no_validation(
     assert result.lambdas == [1e-3] and result.select_by is None and result.runs[0]["chosen"]
 
 
+def test_the_weight_given_as_a_hyperparameter_is_the_one_recorded():
+    """`--beta 3` (the weight through its own option, no --lambda) is what ran, so it is what the report says."""
+    given = finetune(_model(), _data(), "rrr", CONFIG, hparams={"lam": 0.25}, progress=False)
+    default = finetune(_model(), _data(), "rrr", CONFIG, progress=False)
+    assert given.runs[0]["lambda"] == 0.25 and default.runs[0]["lambda"] == 1e-3
+    assert given.runs[0]["final_loss"] != default.runs[0]["final_loss"]  # a different weight really ran
+
+
 def test_validation_loss_is_the_mean_task_loss():
     model, val = _model(), _data(n=10)
     model.eval()

@@ -168,3 +168,27 @@ def test_egem_mnist(mnist_root, mnist_raw):
     assert set(clean.info["index"].tolist()).isdisjoint(torch.nonzero(hit).flatten().tolist())
     test = load_scenario("egem-mnist", "test", data_root=mnist_root)
     assert len(test) == 10_000 and not test.has_mask.any() and test.info["artifact"] == "pixels:egem"
+
+
+def test_tagged_digits_splits():
+    """The demo's scenario: the 4×4 tag on 80 % of the training 8s and nowhere else; `clean` = the untagged
+    training items; `test` clean; the digits are decoy-digits' (same partition and placement)."""
+    from modelfix.data import parse_artifact
+
+    artifact = parse_artifact(SCENARIOS["tagged-digits"].artifact)
+    assert str(artifact) == "pixels:tag" and artifact.target == 8 and len(artifact.pixels) == 16
+    train, clean, test = (load_scenario("tagged-digits", s) for s in ("train", "clean", "test"))
+    tagged = train.info["poisoned"]
+    eights = train.y == 8
+    assert not bool(tagged[~eights].any())
+    assert int(tagged.sum()) == round(0.8 * int(eights.sum()))
+    assert bool((train.x[tagged, :, :4, :4] == 1).all())
+    assert float(train.x[~tagged, :, :2, :2].abs().sum()) == 0  # digits start at row/column 2 at the earliest
+    assert bool(train.has_mask.eq(tagged).all()) and bool(train.mask[tagged, :, :4, :4].eq(1).all())
+    assert float(train.mask[tagged].sum()) == 16 * int(tagged.sum())
+    assert len(clean) == len(train) - int(tagged.sum()) and not bool(clean.has_mask.any())
+    assert float(test.x[:, :, :2, :2].abs().sum()) == 0 and not bool(test.has_mask.any())
+    # the same digits as decoy-digits, without the decoy patch
+    decoy = load_scenario("decoy-digits", "train")
+    assert torch.equal(train.y, decoy.y)
+    assert torch.equal(train.x[~eights] * (1 - decoy.mask[~eights]), decoy.x[~eights] * (1 - decoy.mask[~eights]))

@@ -35,6 +35,8 @@ CORNERS = ("tl", "tr", "bl", "br")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center", "top", "bottom", "left", "right")
 STRIPE_COLUMNS = ("left", "center", "right")
 EGEM_PIXELS = ((1, 2), (2, 1), (2, 2))
+TAG_PIXELS = tuple((r, c) for r in range(4) for c in range(4))  # a 4×4 square in the top-left corner
+PIXEL_PRESETS = {"egem": EGEM_PIXELS, "tag": TAG_PIXELS}
 EXAMPLES = "corner-patch, pixels:egem, image:tag.png@bottom-right, stripe@right,width=2"
 
 
@@ -202,7 +204,8 @@ def _canonical_corners(corners) -> str:
 @dataclass(frozen=True)
 class FixedPixels(Artifact):
     """A few pixels set to `value` on every channel: the EGEM modified-MNIST artifact, (1,2), (2,1), (2,2) = 1.0,
-    correlated with class 8 (`target`)."""
+    correlated with class 8 (`target`). Presets: `egem` (those three pixels), `tag` (a 4×4 square in the top-left
+    corner, the `tagged-digits` scenario's tag)."""
 
     kind: ClassVar[str] = "pixels"
 
@@ -228,16 +231,17 @@ class FixedPixels(Artifact):
         return x_new, mask.float()
 
     def __str__(self) -> str:
-        where = "egem" if self.pixels == EGEM_PIXELS else "/".join(f"{r}:{c}" for r, c in self.pixels)
+        presets = {pixels: name for name, pixels in PIXEL_PRESETS.items()}
+        where = presets.get(self.pixels) or "/".join(f"{r}:{c}" for r, c in self.pixels)
         return f"pixels:{where}" + self._options(skip=("pixels",))
 
 
 def _canonical_pixels(pixels) -> tuple:
-    """Pixels as a sorted tuple of (row, col) int pairs; 'egem' is the EGEM preset; text 'r:c/r:c'."""
+    """Pixels as a sorted tuple of (row, col) int pairs; 'egem' and 'tag' are presets; text 'r:c/r:c'."""
     if isinstance(pixels, str):
         text = pixels.strip().lower()
-        if text == "egem":
-            return EGEM_PIXELS
+        if text in PIXEL_PRESETS:
+            return PIXEL_PRESETS[text]
         try:
             pixels = [tuple(int(v) for v in p.split(":")) for p in text.split("/") if p]
         except ValueError:
@@ -247,8 +251,8 @@ def _canonical_pixels(pixels) -> tuple:
         if not out or any(len(p) != 2 or min(p) < 0 for p in out):
             raise ValueError
     except (TypeError, ValueError):
-        raise ArtifactSpecError(f"pixels '{pixels}' must be 'egem' or ROW:COL pairs joined by '/', e.g. 1:2/2:1/2:2; "
-                                "rows and columns count from 0") from None
+        raise ArtifactSpecError(f"pixels '{pixels}' must be a preset (egem, tag) or ROW:COL pairs joined by '/', "
+                                "e.g. 1:2/2:1/2:2; rows and columns count from 0") from None
     return out
 
 

@@ -3,7 +3,9 @@
 - `decoy-digits`: the embedded default (scikit-learn's bundled digits, no file, no network) with DecoyMNIST's
   label-coloured corner patch;
 - `decoy-mnist`: Ross et al.'s DecoyMNIST as used by TAP and R4, regenerated from the MNIST idx files;
-- `egem-mnist`: the EGEM paper's modified MNIST (3 pixels on 70 % of the training 8s).
+- `egem-mnist`: the EGEM paper's modified MNIST (3 pixels on 70 % of the training 8s);
+- `tagged-digits`: the embedded digits with a Clever Hans tag (a white 4×4 square in the top-left corner) on 80 %
+  of the training 8s — the `modelfix demo` scenario.
 
 Every split is a pure function of (seed, scenario, split): each draws from its own generators, seeded from a
 hash of those three, so loading one split never changes another. Each records `info["checksum"]` of its arrays.
@@ -241,6 +243,31 @@ def _build_decoy_digits(split: str, data_root, seed: int) -> Dataset:
     return _decoy(name, split, seed, base)
 
 
+TAG_SHARE = 0.8  # of the training 8s (EGEM's modified MNIST: 70 %); the rest teach the 8's shape
+
+
+def _build_tagged_digits(split: str, data_root, seed: int) -> Dataset:
+    """The digits of `decoy-digits` (same 60/10/30 % partition and placement) with FixedPixels' `tag` preset on 80 %
+    of the training 8s. `train`: 3 shifted copies of the training digits; `clean`: those without the tag (the
+    post-hoc refinement pool, as egem-mnist's); `test`: the test digits, clean (evaluate pastes the tag).
+
+    Unlike the label-coloured corner patch, the tag appears on some images of one class only, so a model that
+    relies on it still reads the digits: its clean accuracy is high and pasting the tag drops it (the clean −
+    poisoned gap measures the shortcut)."""
+    name = "tagged-digits"
+    artifact = FixedPixels(pixels="tag", target=8)
+    _, labels = _digits_20()
+    train_idx, _, test_idx = _stratified(labels.numpy(), (0.6, 0.1, 0.3), seed, "decoy-digits")
+    if split == "test":
+        base = _place_digits(test_idx, 1, split_seed(seed, "decoy-digits", "placement-test"))
+        return _finish(base, name, split, seed, str(artifact))
+    base = _place_digits(train_idx, TRAIN_COPIES, split_seed(seed, "decoy-digits", "placement-train"))
+    train = poison(base, artifact, TAG_SHARE, "correlated", seed=split_seed(seed, name, "train"))
+    if split == "clean":
+        train = train.subset(~train.info["poisoned"])
+    return _finish(train, name, split, seed, str(artifact))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "decoy-digits": Scenario(
         name="decoy-digits",
@@ -261,6 +288,13 @@ SCENARIOS: dict[str, Scenario] = {
                     "artifact-free training items (refinement pool); test = clean t10k",
         splits=("train", "clean", "test"), default_split="train", needs_mnist=True, artifact=str(FixedPixels()),
         build=_build_egem_mnist),
+    "tagged-digits": Scenario(
+        name="tagged-digits",
+        description="the decoy-digits digits (embedded, no download) with a white 4×4 tag in the top-left corner "
+                    "on 80 % of the training 8s: a Clever Hans shortcut; clean = the training items without the "
+                    "tag; test clean (evaluate pastes the tag). The `modelfix demo` scenario",
+        splits=("train", "clean", "test"), default_split="train", needs_mnist=False,
+        artifact=str(FixedPixels(pixels="tag", target=8)), build=_build_tagged_digits),
 }
 
 

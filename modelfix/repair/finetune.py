@@ -115,7 +115,8 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
         label = f"{method}" + (f" λ={lam:g}" if lam is not None else "")
         result = train(candidate, data, config, objective, val=val, progress=progress, description=label)
         last = result.history[-1]
-        run = {"lambda": lam if lam is not None else entry.hyperparameters.get(entry.weight) if entry.weight else None,
+        run = {"lambda": lam if lam is not None else (hparams.get(entry.weight, entry.hyperparameters.get(entry.weight))
+                                                      if entry.weight else None),
                "final_loss": last["loss"], "final_task": last.get("task"), "final_penalty": last.get("penalty"),
                "best_epoch": result.best_epoch, "seconds": result.seconds, "epochs": result.history}
         if val is not None:

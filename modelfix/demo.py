@@ -75,7 +75,7 @@ class Budget:
     train_epochs: int
     finetune_items: int | None  # TAP / RRR training data
     finetune_epochs: int
-    cert_items: int | None  # Cert-R4 costs ~9× an ERM step: fewer items
+    cert_items: int | None  # Cert-R4 costs about 5× an ERM step: fewer items
     cert_epochs: int
     crayon_items: int | None  # gallery (top-k) and last-layer fine-tune data of CRAYON-PRUNING
 
@@ -127,7 +127,7 @@ def _first(data: Dataset, n: int | None) -> Dataset:
 
 
 def load_setup(quick: bool = False, seed: int = 0) -> Setup:
-    """The decoy-digits splits the demo uses (generated, no file read), the scenario's artifact and the budget."""
+    """The tagged-digits splits the demo uses (generated, no file read), the scenario's artifact and the budget."""
     train_data = load_scenario(SCENARIO, "train", seed=seed)
     return Setup(train=train_data, pool=load_scenario(SCENARIO, "clean", seed=seed),
                  test=load_scenario(SCENARIO, "test", seed=seed),

@@ -36,11 +36,11 @@ def test_quick_demo_table_and_files(quick):
         assert row["gap"] == pytest.approx(row["clean"] - row["poisoned"])
     # the shortcut: pasting the tag costs the model a lot of accuracy
     assert shortcut["gap"] > 0.15
-    # every repair shrinks it, most to under a third (measured at seed 0: docs/getting-started.md; TAP and Cert-R4
-    # leave the most)
+    # every repair shrinks it to under half, most to under a fifth (measured at seed 0, --quick: TAP leaves 0.32 of it,
+    # Ridge 0.19, the others less; docs/benchmarks.md)
     for row in repairs:
-        assert row["gap"] < 0.7 * shortcut["gap"], row
-    assert sum(row["gap"] < shortcut["gap"] / 3 for row in repairs) >= 6
+        assert row["gap"] < 0.5 * shortcut["gap"], row
+    assert sum(row["gap"] < shortcut["gap"] / 5 for row in repairs) >= 7
     assert results["files"]["model"].endswith("shortcut.safetensors") and (out / "shortcut.safetensors").is_file()
 
 

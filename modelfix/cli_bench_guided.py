@@ -195,6 +195,7 @@ def bench_r4_mnist(
     epochs: Annotated[int, typer.Option("--epochs", help="Override every method's epochs (0: R4's table).")] = 0,
     train_size: Annotated[int, typer.Option("--train-size", help="Seeded subset of the 60k training images (0: all, as R4).")] = 0,
     test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
+    lambdas: Annotated[Optional[str], typer.Option("--lambda", help="Per-method λ, e.g. rrr=1e-3 (methods with one: rrr, smooth-rrr, pgd-ex, r4-*; default: R4's).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads (0: leave as is).")] = 0,
     data_root: DataRootOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
@@ -208,7 +209,8 @@ def bench_r4_mnist(
 
     if threads:
         torch.set_num_threads(threads)
-    table = Table(title=f"decoy-mnist, mlp, {restarts} restart(s): ours (R4 paper); permuted test")
+    swept = "".join(f", {case} λ {value:g}" for case, value in _case_values(lambdas).items())
+    table = Table(title=f"decoy-mnist, mlp, {restarts} restart(s){swept}: ours (R4 paper); permuted test")
     for col in ("method", "macro-group %", "worst-group %", "δ masked", "δ ratio", "contaminated %", "s/epoch"):
         table.add_column(col, justify="right")
 
@@ -218,7 +220,7 @@ def bench_r4_mnist(
         table.add_row(*_r4_row(case, row))
 
     result = run(data_root=data_root, cases=_names(methods, "--methods"), restarts=restarts, epochs=epochs or None,
-                 train_size=train_size or None, test_size=test_size or None, on_case=show)
+                 train_size=train_size or None, test_size=test_size or None, on_case=show, lambdas=_case_values(lambdas))
     if _write_json(output, result, json_output):
         return
     out.print(table)

@@ -29,6 +29,10 @@ def test_bench_bad_options():
     assert_one_line_error(run("bench", "tap-mnist", "--lambda", "base=1"), "no penalty weight")
     assert_one_line_error(run("bench", "tap-mnist", "--lambda", "rbr"), "--lambda")
     assert_one_line_error(run("bench", "cost", "--archs", "vgg99"), "vgg99")
+    # r4-mnist: checked before any data is read
+    assert_one_line_error(run("bench", "r4-mnist", "--methods", "erm", "--lambda", "erm=1"), "has no λ")
+    assert_one_line_error(run("bench", "r4-mnist", "--methods", "rrr", "--lambda", "rrr=-1"), "> 0")
+    assert_one_line_error(run("bench", "r4-mnist", "--methods", "rrr", "--lambda", "rrr"), "--lambda")
 
 
 def test_bench_crayon_mnist_cli_on_decoy_digits(tmp_path):
@@ -42,3 +46,19 @@ def test_bench_crayon_mnist_cli_on_decoy_digits(tmp_path):
     assert doc["settings"]["mlp"]["beta"] == 3.0
     assert "original" in result.stdout and "0.853" in result.stdout  # the paper's number beside ours
     assert_one_line_error(run("bench", "crayon-mnist", "--methods", "nope"), "nope")
+
+
+def test_bench_r4_mnist_smoke_with_a_lambda_override(tmp_path, mnist_root):
+    # The real benchmark on a sliver of MNIST: settings, λ override and R4's summaries reach the JSON.
+    out = tmp_path / "r4.json"
+    result = run("bench", "r4-mnist", "--data-root", mnist_root, "--methods", "erm,rrr", "--restarts", "1",
+                 "--epochs", "1", "--train-size", "300", "--test-size", "60", "--lambda", "rrr=0.5", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["cases"]) == {"erm", "rrr"} and doc["n_train"] == 300 and doc["n_test"]["permuted"] == 60
+    assert doc["cases"]["rrr"]["hyperparameters"]["lam"] == 0.5 and doc["lambda_override"] == {"rrr": 0.5}
+    for case in doc["cases"].values():
+        permuted = case["permuted"]
+        assert 0 <= permuted["worst_group_accuracy"] <= permuted["macro_group_accuracy"] <= 1
+        assert case["delta_masked"] >= 0 and case["paper"] is not None
+    assert "(63.89)" in result.stdout  # ERM next to R4's number

@@ -195,6 +195,87 @@ def test_bounds_are_differentiable_in_every_parameter(kind):
     assert_fd_gradient(model, widths, directions=2, h=1e-6, rtol=1e-5)
 
 
+def _sparse_corner_mask(n: int) -> torch.Tensor:
+    """Each item masks a 2×2 corner of its own (few active pixels in the batch, as with DecoyMNIST's patches)."""
+    mask = torch.zeros(n, 1, H, W, dtype=F64)
+    for i in range(n):
+        r, c = [(0, 0), (0, W - 2), (H - 2, 0)][i % 3]
+        mask[i, :, r:r + 2, c:c + 2] = 1
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_bounds_at_selected_columns_are_the_full_bounds_gathered(kind):
+    # The Cert-R4 shortcut (`columns`): an MLP takes its last backward product with the selected weight columns
+    # only, a conv net gathers; both must give exactly the full bounds' entries and the same θ-gradients.
+    model = make_net(kind, 5)
+    x, y, _ = make_batch(5, n=4)
+    mask = _sparse_corner_mask(4)
+    columns = mask.expand_as(x).flatten(1).amax(0).nonzero().squeeze(1)
+    assert 0 < columns.numel() < x[0].numel() // 2
+    weights = torch.rand(4, columns.numel(), generator=torch.Generator().manual_seed(9), dtype=F64)
+    params = [p for p in model.parameters()]
+
+    def run(selected):
+        gl, gu = input_gradient_bounds(model, x, y, mask, 0.2, columns=columns if selected else None)
+        if not selected:
+            gl, gu = gl.flatten(1)[:, columns], gu.flatten(1)[:, columns]
+        total = (weights * (gl.abs() + gu.abs())).sum()
+        return gl, gu, torch.autograd.grad(total, params, allow_unused=True)
+
+    full, picked = run(False), run(True)
+    for a, b in zip(full[:2], picked[:2]):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(full[2], picked[2]):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=0, atol=1e-12))
+
+
+def test_relu_backward_is_the_four_product_min_max():
+    # `_relu_backward` replaces min/max over {gl·d_l, gl·d_u, gu·d_l, gu·d_u} by 0/1-mask products; units on, off
+    # and undecided over the box must give the same interval and the same gradients.
+    from modelfix.repair.intervals import _relu_backward
+
+    gen = torch.Generator().manual_seed(4)
+    pre_lower = torch.randn(6, 50, generator=gen, dtype=F64)
+    pre_upper = pre_lower + torch.rand(6, 50, generator=gen, dtype=F64) * 2
+    assert ((pre_lower > 0).any() and (pre_upper <= 0).any() and ((pre_lower <= 0) & (pre_upper > 0)).any())
+    gl = torch.randn(6, 50, generator=gen, dtype=F64).requires_grad_(True)
+    gu = (gl.detach() + torch.rand(6, 50, generator=gen, dtype=F64)).requires_grad_(True)
+    dl, du = (pre_lower > 0).to(F64), (pre_upper > 0).to(F64)
+    products = torch.stack([gl * dl, gl * du, gu * dl, gu * du])
+    reference = products.amin(0), products.amax(0)
+    got = _relu_backward(gl, gu, pre_lower, pre_upper)
+    probe = torch.randn(2, 6, 50, generator=gen, dtype=F64)
+    for ref, new in zip(reference, got):
+        assert torch.equal(ref, new)
+    grads_ref = torch.autograd.grad(sum((t * p).sum() for t, p in zip(reference, probe)), (gl, gu))
+    grads_new = torch.autograd.grad(sum((t * p).sum() for t, p in zip(got, probe)), (gl, gu))
+    for a, b in zip(grads_ref, grads_new):
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_sparse_input_radius_gives_the_dense_interval_and_gradient():
+    # The first Linear layer multiplies the input radius by |W| over the active columns only; deeper radii (which
+    # carry θ-gradients) keep the dense product.
+    from modelfix.repair.intervals import _sparse_radius_linear
+
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(7, 40, generator=gen, dtype=F64).requires_grad_(True)
+    r = torch.zeros(5, 40, dtype=F64)
+    r[:, [3, 17, 18]] = torch.rand(5, 3, generator=gen, dtype=F64)
+    sparse = _sparse_radius_linear(r, weight)
+    dense = F.linear(r, weight.abs())
+    assert torch.allclose(sparse, dense, rtol=0, atol=1e-14)
+    probe = torch.randn(5, 7, generator=gen, dtype=F64)
+    (g_sparse,) = torch.autograd.grad((sparse * probe).sum(), weight)
+    (g_dense,) = torch.autograd.grad((dense * probe).sum(), weight)
+    assert torch.allclose(g_sparse, g_dense, rtol=0, atol=1e-14)
+    # a radius that depends on θ goes the dense way, so its gradient reaches every column
+    r_grad = r.clone().requires_grad_(True)
+    (g_r,) = torch.autograd.grad((_sparse_radius_linear(r_grad, weight) * probe).sum(), r_grad)
+    assert torch.allclose(g_r, probe @ weight.detach().abs(), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     "layer, type_name", [(nn.GELU(), "GELU"), (nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect"), "Conv2d")]
 )

@@ -88,13 +88,21 @@ def _mean(values: list[float]) -> float:
 
 def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | None = None,
         train_size: int | None = None, test_size: int | None = None, progress: bool = True,
-        on_case=None) -> dict:
+        on_case=None, lambdas: dict | None = None) -> dict:
     """Train every case `restarts` times and summarise (module docstring). `epochs` overrides every case's epoch
-    count, `train_size` takes a seeded subset of the 60k, `test_size` the first N test items (smoke runs);
+    count, `lambdas` {case: λ} a case's λ (a sweep: R4's k were tuned for its code, where most mask terms do not
+    train), `train_size` takes a seeded subset of the 60k, `test_size` the first N test items (smoke runs);
     `on_case(name, summary)` is called as each case finishes (the CLI prints rows as they come)."""
-    unknown = [c for c in cases if c not in CASES]
+    lambdas = {case: float(value) for case, value in (lambdas or {}).items()}
+    unknown = [c for c in [*cases, *lambdas] if c not in CASES]
     if unknown:
         raise ModelfixError(f"unknown method '{unknown[0]}' for bench r4-mnist (one of {', '.join(CASES)})")
+    for case, value in lambdas.items():
+        if "lam" not in CASES[case][3]:
+            with_lam = ", ".join(c for c in CASES if "lam" in CASES[c][3])
+            raise ModelfixError(f"--lambda: method '{case}' has no λ (those with one: {with_lam})")
+        if not value > 0:
+            raise ModelfixError(f"--lambda must be > 0, not {case}={value:g}")
     if restarts < 1:
         raise ModelfixError(f"--restarts must be at least 1, not {restarts}")
     start = time.perf_counter()
@@ -115,6 +123,7 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
     summary, runs = {}, []
     for case in cases:
         method, case_epochs, lr, hparams = CASES[case]
+        hparams = {**hparams, "lam": lambdas[case]} if case in lambdas else hparams
         config = dict(optimizer="adam", lr=lr, batch_size=1000, epochs=epochs or case_epochs, weight_decay=0.0)
         per_group = {name: [] for name in tests}
         deltas = []
@@ -146,6 +155,6 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
             on_case(case, summary[case])
     return {"benchmark": "r4-mnist", "arch": ARCH, "restarts": restarts, "n_train": len(data),
             "n_test": {k: len(v) for k, v in tests.items()}, "test_eps": TEST_EPS,
-            "epochs_override": epochs, "data_checksum": data.info.get("checksum"),
+            "epochs_override": epochs, "lambda_override": lambdas, "data_checksum": data.info.get("checksum"),
             "torch_threads": torch.get_num_threads(), "cases": summary, "runs": runs,
             "seconds": time.perf_counter() - start}

@@ -80,12 +80,12 @@ def accuracy_bars(groups: dict[str, dict[str, float]], title: str) -> bytes | No
     return _grouped_bars(groups, title, "accuracy %")
 
 
-def comparison_bars(runs: dict[str, dict[str, float]]) -> bytes | None:
+def comparison_bars(runs: dict[str, dict[str, float]], title: str | None = None) -> bytes | None:
     """The merged report's chart: one group of bars per run, one bar per metric (fractions, drawn in percent),
     e.g. `{"shortcut": {"clean": 0.98, "poisoned": 0.12}, "egem": {...}}`."""
     metrics = list(dict.fromkeys(m for values in runs.values() for m in values))
     by_metric = {m: {run: values.get(m) for run, values in runs.items()} for m in metrics}
-    return _grouped_bars(by_metric, "per run", "%")
+    return _grouped_bars(by_metric, title or "per run", "%")
 
 
 def log_scale(values: list[float]) -> bool:

@@ -249,8 +249,9 @@ def prune_crayon(
     if json_output:
         print(json.dumps(document))
         return
-    out.print(f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {link.layer} "
-              f"({'random' if random else 'the no verdicts'}); training accuracy "
-              f"{100 * trace.get('accuracy_before', float('nan')):.2f} % → "
-              f"{100 * trace.get('accuracy_after', trace.get('accuracy_before', float('nan'))):.2f} %")
+    summary = f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {link.layer}"
+    if "accuracy_before" in trace:  # absent when nothing was pruned (the model is written unchanged)
+        summary += (f" ({'random' if random else 'the no verdicts'}); training accuracy "
+                    f"{100 * trace['accuracy_before']:.2f} % → {100 * trace['accuracy_after']:.2f} %")
+    out.print(summary)
     out.print(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))

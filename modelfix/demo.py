@@ -75,7 +75,7 @@ class Budget:
     train_epochs: int
     finetune_items: int | None  # TAP / RRR training data
     finetune_epochs: int
-    cert_items: int | None  # Cert-R4 training data (a step costs about 5× an ERM step)
+    cert_items: int | None  # Cert-R4 training data (on egem-cnn a step costs several ERM steps)
     cert_epochs: int
     crayon_items: int | None  # gallery (top-k) and last-layer fine-tune data of CRAYON-PRUNING
 

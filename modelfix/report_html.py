@@ -531,7 +531,8 @@ def render_demo_html(results: dict, markdown: str) -> str:
     rows = [r for r in results.get("rows", []) if isinstance(r, dict)]
     title = "modelfix demo: one shortcut, every repair"
     series = {str(r.get("name")): {"clean": r.get("clean"), "poisoned": r.get("poisoned")} for r in rows}
-    png = comparison_bars(series) if has_matplotlib() and rows else None
+    png = comparison_bars(series, "accuracy per model: clean test digits, and with the artifact on every one") \
+        if has_matplotlib() and rows else None
     body = [f"<h1>{_esc(title)}</h1>", "<section>", "<h2>Clean vs poisoned accuracy</h2>",
             _chart(png, "clean and poisoned accuracy per model"), "</section>"]
     body += _heatmap_section(results.get("heatmaps"))

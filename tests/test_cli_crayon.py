@@ -116,6 +116,7 @@ def test_prune_crayon_without_no_verdicts_warns_that_nothing_changes(cnn, tmp_pa
                  "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 0, result.stderr
     assert "warning" in result.stderr and "nothing pruned" in result.stderr
+    assert "pruned 0 of" in result.stdout and "nan" not in result.stdout
 
 
 def test_crayon_attention_bad_feedback(mlp, tmp_path):

@@ -198,8 +198,8 @@ def _forward(module: nn.Module, name: str, lower: torch.Tensor, upper: torch.Ten
     if isinstance(module, nn.Linear):
         kind = "linear"
         c, r = (lower + upper) / 2, (upper - lower) / 2
-        out_c = F.linear(c, module.weight, module.bias)
-        out = (out_c - (rr := _sparse_radius_linear(r, module.weight)), out_c + rr)
+        c, r = F.linear(c, module.weight, module.bias), _sparse_radius_linear(r, module.weight)
+        out = (c - r, c + r)
     elif isinstance(module, nn.Conv2d):
         kind = "conv"
         pad = _conv_padding(name, module)

@@ -67,7 +67,15 @@ def demo(
 
         print(json.dumps(json_safe({k: v for k, v in results.items() if k != "heatmaps"})))
         return
-    out.print(_table(results))
+    # piped or logged output (CI) gets rich's 80 columns, which cut the table's cells; give it the width it needs
+    # (Console.print's own width cannot exceed the console's)
+    width = out.width
+    if not out.is_terminal:
+        out.width = max(width, 120)
+    try:
+        out.print(_table(results))
+    finally:
+        out.width = width
     files = results["files"]
     out.print(f"gap = clean − poisoned accuracy (points). Report: {files['html']} (also {files['report']}, "
               f"{files['results']}); the shortcut model: {files['model']}")

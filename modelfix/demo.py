@@ -101,7 +101,7 @@ CRAYON_SHARE = 0.9  # simulated feedback: "no" when more than this share of a un
 # Guided fine-tunes (finetune --method M): the λ and optimiser overrides that remove the shortcut here (measured;
 # the methods' defaults are the papers' from-scratch settings, see the module docstring of each objective).
 FINETUNES = {
-    # TAP: its penalty shrinks activations, and a net that already uses the tag answers by amplifying the shrunk
+    # TAP: its penalty shrinks activations, and a net that already uses the tag can answer by amplifying the shrunk
     # corner activations downstream (nothing in L_TAP stops a rescaling), so the fine-tune needs weight decay: measured
     # gaps 16.3 (pool1,pool2, no decay), 9.1 (relu1,relu2), 0.6 (relu1,relu2, weight decay 1e-2), 10 epochs each
     "TAP": ("tap", {"lam": 1.0, "layers": "relu1,relu2"}, {"optimizer": "adam", "lr": 1e-3, "batch_size": 32,

@@ -286,7 +286,8 @@ def _relu_backward(gl: torch.Tensor, gu: torch.Tensor, pre_lower: torch.Tensor, 
     the whole box passes the interval, one off passes 0, an undecided one (d_u − d_l = 1) the hull of the interval
     and 0. The same numbers as the min/max of the four end products, written as products with 0/1 masks: on a conv
     net the four-way stack (and torch.where) took a third of a Cert-R4 step."""
-    on, undecided = (pre_lower > 0).to(gl.dtype), (pre_upper > 0).to(gl.dtype) - (pre_lower > 0).to(gl.dtype)
+    on = (pre_lower > 0).to(gl.dtype)
+    undecided = (pre_upper > 0).to(gl.dtype) - on
     return gl * on + gl.clamp(max=0) * undecided, gu * on + gu.clamp(min=0) * undecided
 
 
@@ -348,20 +349,19 @@ def interval_backward(trace: list[Step], g_lower: torch.Tensor, g_upper: torch.T
         if first is not None and index <= first:
             gl, gu = _backward_selected(step, gl, gu, columns)
             continue
-        if kind in ("linear", "conv"):
+        if kind == "linear":
+            gl, gu = _linear_backward(gl, gu, m.weight)
+        elif kind == "conv":
             c, r = (gl + gu) / 2, (gu - gl) / 2
-            if kind == "linear":
-                c, r = c @ m.weight, r @ m.weight.abs()
-            else:
-                pad = _conv_padding(step.name, m)
-                out_hw = c.shape[-2:]
-                extra = tuple(
-                    step.lower.shape[-2 + i]
-                    - ((out_hw[i] - 1) * m.stride[i] - 2 * pad[i] + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
-                    for i in range(2)
-                )
-                args = (None, m.stride, pad, extra, m.groups, m.dilation)
-                c, r = F.conv_transpose2d(c, m.weight, *args), F.conv_transpose2d(r, m.weight.abs(), *args)
+            pad = _conv_padding(step.name, m)
+            out_hw = c.shape[-2:]
+            extra = tuple(
+                step.lower.shape[-2 + i]
+                - ((out_hw[i] - 1) * m.stride[i] - 2 * pad[i] + m.dilation[i] * (m.kernel_size[i] - 1) + 1)
+                for i in range(2)
+            )
+            args = (None, m.stride, pad, extra, m.groups, m.dilation)
+            c, r = F.conv_transpose2d(c, m.weight, *args), F.conv_transpose2d(r, m.weight.abs(), *args)
             gl, gu = c - r, c + r
         elif kind == "bn":
             scale, _ = _bn_affine(step.name, m, gl)
@@ -389,14 +389,18 @@ def interval_backward(trace: list[Step], g_lower: torch.Tensor, g_upper: torch.T
     return gl, gu
 
 
+def _linear_backward(gl: torch.Tensor, gu: torch.Tensor, weight: torch.Tensor):
+    """[gl, gu]·W through a Linear layer's weight (out × in): c·W ± r·|W| with the interval's centre c and radius r."""
+    c, r = (gl + gu) / 2, (gu - gl) / 2
+    c, r = c @ weight, r @ weight.abs()
+    return c - r, c + r
+
+
 def _backward_selected(step: Step, gl: torch.Tensor, gu: torch.Tensor, columns: torch.Tensor):
     """`interval_backward` from an MLP's first Linear layer down to the input, at the input positions `columns`
     only (N×k throughout: the pixelwise steps below the Linear layer keep every feature in place)."""
     if step.kind == "linear":
-        weight = step.module.weight[:, columns]
-        c, r = (gl + gu) / 2, (gu - gl) / 2
-        c, r = c @ weight, r @ weight.abs()
-        return c - r, c + r
+        return _linear_backward(gl, gu, step.module.weight[:, columns])
     if step.kind == "normalise":
         std = torch.broadcast_to(step.module.std.to(gl.dtype), step.lower.shape)[0].flatten()[columns]
         return gl / std, gu / std

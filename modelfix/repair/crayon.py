@@ -30,6 +30,7 @@ from modelfix.errors import ModelfixError
 from modelfix.explain.gradcam import default_cam_layer
 from modelfix.progress import progress_bar
 from modelfix.repair.lastlayer import penultimate_features
+from modelfix.repair.registry import method
 from modelfix.zoo import last_linear
 
 PAPER = ('CRAYON preprint, "Towards Mitigating Spurious Correlations in Image Classifiers with Simple Yes-no '
@@ -264,3 +265,26 @@ def prune_crayon(model: nn.Module, data, prune: Sequence[int], layer: str | None
             p.grad = None
     trace["final_loss"], trace["accuracy_after"] = _head_stats(features, y, head)
     return pruned, trace
+
+
+@method("crayon-pruning", "pruning", "zero the channels people answered 'no', then refit only the last linear layer",
+        PAPER, {"layer": None, "random": False, "epochs": 10, "lr": 1e-4, "weight_decay": 1e-4},
+        needs=("data", "neuron_feedback"), command="prune-crayon")
+def run_crayon_pruning(inputs, **options):
+    """Neuron verdicts from `inputs.feedback` (the layer: `layer`, else the file's, else the default), then
+    `prune_crayon` on `inputs.data`; `random` prunes as many random channels (the paper's baseline)."""
+    from modelfix.feedback import declared_layer, read_neuron_feedback
+    from modelfix.repair.result import RepairResult
+
+    data = inputs.data
+    link = head_link(inputs.model, options["layer"] or declared_layer(inputs.feedback), data.x[:4])
+    verdicts = read_neuron_feedback(inputs.feedback, link.n_channels, link.layer)
+    prune = random_channels(link.n_channels, len(verdicts.prune), inputs.seed) if options["random"] else verdicts.prune
+    pruned, trace = prune_crayon(inputs.model, data, prune, layer=link.layer, epochs=options["epochs"],
+                                 lr=options["lr"], weight_decay=options["weight_decay"], batch_size=inputs.batch_size,
+                                 seed=inputs.seed, progress=inputs.progress)
+    trace["method"] = "crayon-pruning" + (" (random baseline)" if options["random"] else "")
+    trace["feedback"] = {"file": str(inputs.feedback), "no": len(verdicts.prune), "keep": len(verdicts.keep)}
+    warnings = trace.pop("warnings", [])
+    return RepairResult(pruned, "crayon-pruning", "pruning", {**options, "layer": link.layer}, trace,
+                        warnings=warnings)

@@ -31,6 +31,7 @@ from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
+from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 
 if TYPE_CHECKING:  # points.py is imported where it is used (fit_egem), keeping this module importable on its own
@@ -395,7 +396,7 @@ def _check_alpha(alpha: float, option: str = "--alpha") -> float:
     return value
 
 
-def _check_config(config: EgemConfig) -> None:
+def check_config(config: EgemConfig) -> None:
     """Every option checked before the statistics pass, so a typo costs nothing."""
     if config.method not in METHODS:
         raise ModelfixError(f"unknown EGEM method '{config.method}'", hint=f"one of {', '.join(METHODS)}")
@@ -442,7 +443,7 @@ def fit_egem(
     α of the grid, weakest (1.0) first, is attached, scored on `split.val` weighted by `split.val_counts`, and
     removed; the strongest α within the slack of the original's validation accuracy wins (`select_by_slack`).
     """
-    _check_config(config)
+    check_config(config)
     if config.method == "egem-full":
         from modelfix.repair.egem_full import fit_egem_full  # the LRP-weighted variant, with its own needs
 
@@ -501,8 +502,54 @@ def fit_egem(
         "selection": selection,
         "layers": _layer_rows(layers),
         "samples": dict(split.summary),
-        "warnings": _pca_warnings(stats),
+        "warnings": list(split.summary.get("warnings", [])) + _pca_warnings(stats),
         "timing": {"statistics_s": statistics_s, "selection_s": selection_s,
                    "total_s": time.perf_counter() - start},
     }
     return refined, trace
+
+
+# ---- registry entries (egem-full registers in egem_full.py) -----------------------------------------------------
+
+PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
+         'Networks"')
+DEFAULTS = {"alpha": None, "slack": 0.05, "slack_mode": "relative", "schedule": "triangular", "layers": None,
+            "samples_per_class": 700, "keep_incorrect": False, "min_relevance": None, "fold": None}
+
+
+def run_egem_family(inputs, method: str, **options):
+    """Refinement split from `inputs.clean`, `fit_egem`, then the fold of what folds exactly (`fold`: None = what
+    folds, True = all or an error, False = keep patches)."""
+    from modelfix.repair.fold import fold_patches
+    from modelfix.repair.patches import patch_entries
+    from modelfix.repair.refinement import split_for_repair
+    from modelfix.repair.result import slack_result
+
+    config = EgemConfig(method=method, layers=options["layers"], alpha=options["alpha"], slack=options["slack"],
+                        slack_mode=options["slack_mode"], schedule=options["schedule"],
+                        conv_mode=options.get("conv_mode", "sum"), batch_size=inputs.batch_size,
+                        explainer=options.get("explainer", "gi"))
+    check_config(config)  # before the pool is predicted, so a typo costs nothing
+    split = split_for_repair(inputs.model, inputs.clean, options["samples_per_class"], options["keep_incorrect"],
+                             options["min_relevance"], inputs.seed, inputs.batch_size)
+    repaired, trace = fit_egem(inputs.model, split, config, inputs.progress)
+    if patch_entries(repaired) and options["fold"] is not False:
+        folded = fold_patches(repaired, strict=bool(options["fold"]))
+        trace["fold"] = {"folded": folded.folded, "kept": folded.kept}
+    if trace["alpha"] >= 1.0:
+        trace.setdefault("warnings", []).append(
+            "α = 1 was selected: the repaired model is the original (no unit was scaled); the slack rule found no "
+            "stronger α within the validation-accuracy slack")
+    return slack_result(repaired, "posthoc", trace, options, "alpha")
+
+
+@method("egem", "posthoc", "scale each unit by E[a²]/(E[a²]+λ) on verified clean samples (Eq. 5)", PAPER, DEFAULTS,
+        needs=("clean",), command="prune-egem")
+def run_egem(inputs, **options):
+    return run_egem_family(inputs, "egem", **options)
+
+
+@method("pca-egem", "posthoc", "shrink PCA directions of the activations by σ²/(σ²+λ) (Eq. 6)", PAPER,
+        {**DEFAULTS, "conv_mode": "sum"}, needs=("clean",), command="prune-egem")
+def run_pca_egem(inputs, **options):
+    return run_egem_family(inputs, "pca-egem", **options)

@@ -40,7 +40,9 @@ from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.explain.lrp import EPSILON, build_composite, explaining
 from modelfix.progress import progress_bar
-from modelfix.repair.egem import PRUNED_BELOW, _check_config, search_lambda, tau_schedule
+from modelfix.repair.egem import (DEFAULTS, PAPER, PRUNED_BELOW, check_config, run_egem_family, search_lambda,
+                                  tau_schedule)
+from modelfix.repair.registry import method
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
 from modelfix.repair.selection import selection_table
 
@@ -331,7 +333,7 @@ def fit_egem_full(model: nn.Module, split: RefinementSplit, config, progress: bo
     first) is applied to the weights, scored on `split.val` weighted by `split.val_counts`, and undone; the
     strongest α within the slack wins (`select_by_slack`).
     """
-    _check_config(config)
+    check_config(config)
     explainer = getattr(config, "explainer", None) or "gi"
     if explainer not in EXPLAINERS:
         raise ModelfixError(f"unknown --explainer '{explainer}'", hint=f"one of {', '.join(EXPLAINERS)}")
@@ -391,3 +393,9 @@ def fit_egem_full(model: nn.Module, split: RefinementSplit, config, progress: bo
                    "total_s": time.perf_counter() - start},
     }
     return refined, trace
+
+
+@method("egem-full", "posthoc", "EXPERIMENTAL: explanation-weighted per-weight soft pruning (Eq. 4)", PAPER,
+        {**DEFAULTS, "explainer": "gi"}, needs=("clean",), command="prune-egem")
+def run_egem_full(inputs, **options):
+    return run_egem_family(inputs, "egem-full", **options)

@@ -10,6 +10,7 @@ no masks, and a penalty term would make runs with different λ incomparable.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -18,8 +19,8 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import ModelfixError
-from ..training import TrainConfig, accuracy, task_loss, train
-from .methods import Method, get_method, make_objective
+from ..training import TaskObjective, TrainConfig, accuracy, task_loss, train
+from .registry import Method, check_options, get_method, make_objective, register, register_runner
 
 SELECT_BY = ("accuracy", "loss")
 
@@ -132,3 +133,48 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
         run["chosen"] = i == chosen
     return SweepResult(model=best, method=method, lambdas=[r["lambda"] for r in runs], chosen=chosen,
                        select_by=select_by if val is not None else None, runs=runs)
+
+
+# ---- the registry's entries: plain ERM, and the runner every fine-tune shares ----------------------------------
+
+SWEEP_OPTIONS = {"lambdas": None, "select_by": "accuracy"}
+register(Method("erm", "finetune", "plain fine-tune on the task loss", "empirical risk minimisation (baseline)", {},
+                build=lambda model, loss="ce": TaskObjective(loss)))
+
+
+def split_options(entry: Method, options: dict) -> tuple[TrainConfig, dict, dict]:
+    """(TrainConfig, hyper-parameters, sweep options) from one flat option dict: TrainConfig's fields (its defaults
+    < the method's `train_defaults` < the options), the sweep's `lambdas`/`select_by`, the rest the method's."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in options.items() if v is not None}
+    config = TrainConfig(**{**entry.train_defaults, **{k: v for k, v in given.items() if k in fields}})
+    sweep = {**SWEEP_OPTIONS, **{k: v for k, v in options.items() if k in SWEEP_OPTIONS}}
+    hparams = {k: v for k, v in given.items() if k not in fields and k not in SWEEP_OPTIONS}
+    check_options(entry, hparams)
+    return config, hparams, sweep
+
+
+def run_finetune(entry: Method, inputs, **options):
+    """The λ sweep of `entry` on `inputs.data` from `inputs.model` (untouched), chosen on `inputs.val`."""
+    from modelfix.repair.result import RepairResult, Selection
+
+    config, hparams, sweep = split_options(entry, options)
+    if "verdicts" in entry.hyperparameters:  # feedback methods get the data and one verdict per item
+        from modelfix.feedback import read_sample_feedback
+
+        hparams = {**hparams, "data": inputs.data,
+                   "verdicts": read_sample_feedback(inputs.feedback).for_data(inputs.data)}
+    result = finetune(inputs.model, inputs.data, entry.name, config, lambdas=sweep["lambdas"], hparams=hparams,
+                      val=inputs.val, select_by=sweep["select_by"], progress=inputs.progress)
+    runs = result.runs
+    selection = None
+    if len(runs) > 1:
+        selection = Selection("lambda", [r["lambda"] for r in runs], [r.get("val_accuracy") for r in runs],
+                              result.chosen, rule=f"best validation {result.select_by}")
+    settings = {**{k: v for k, v in hparams.items() if k not in ("data", "verdicts")}, **sweep,
+                "config": config.to_dict()}
+    return RepairResult(result.model, entry.name, "finetune", settings, {"sweep": result.to_dict()}, selection,
+                        {"total_s": sum(r["seconds"] for r in runs)})
+
+
+register_runner("finetune", run_finetune)

@@ -29,6 +29,7 @@ from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.refinement import RefinementSplit
+from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 from modelfix.zoo import last_linear
 
@@ -227,7 +228,7 @@ def _check_lambda(value: float, option: str) -> float:
     return lam
 
 
-def _check_config(config: RefitConfig) -> None:
+def check_config(config: RefitConfig) -> None:
     """Every option checked before any forward pass, so a typo costs nothing."""
     if config.method not in METHODS:
         raise ModelfixError(f"--method must be one of {', '.join(METHODS)}, not '{config.method}'")
@@ -272,7 +273,7 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
     `split.val_counts`; the strongest λ within the slack of `val_orig` wins (`select_by_slack`; if none passes, the
     weakest, as Ridge has no identity). W_new, b_new are written into the copy's last Linear in the layer's dtype.
     """
-    _check_config(config)
+    check_config(config)
     start = time.perf_counter()
     refit = copy.deepcopy(model).eval()
     name, layer = last_linear(refit.net)  # UnsupportedModel if there is none
@@ -304,6 +305,11 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
         lam, selected_by = float(config.lam), "given"
         weight, bias = solve_moments(moments, lam)
         val_acc = score(weight, bias)
+    absent = sorted(set(range(layer.weight.shape[0])) - set(split.fit.y.tolist()))
+    if method == "ridge" and absent:  # one-hot targets of 0 for a class never seen: it would never be predicted again
+        weight[absent] = layer.weight.detach()[absent].to("cpu", torch.float64)
+        if layer.bias is not None:
+            bias[absent] = layer.bias.detach()[absent].to("cpu", torch.float64)
     with torch.no_grad():
         layer.weight.copy_(weight.to(dtype=layer.weight.dtype, device=layer.weight.device))
         if layer.bias is not None:
@@ -322,6 +328,44 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
         "val_acc": val_acc,
         "selection": selection,
         "samples": dict(split.summary),
+        "warnings": list(split.summary.get("warnings", [])) + ([
+            f"ridge kept the original head rows of class(es) {absent}: no clean sample of them to fit"]
+            if method == "ridge" and absent else []),
         "timing": {"features_s": features_s, "selection_s": selection_s, "total_s": time.perf_counter() - start},
     }
     return refit, trace
+
+
+# ---- registry entries -----------------------------------------------------------------------------------------
+
+PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
+         'Networks"')
+DEFAULTS = {"lam": None, "slack": 0.05, "slack_mode": "relative", "samples_per_class": 700, "keep_incorrect": False}
+
+
+def run_refit(inputs, method: str, **options):
+    """Refinement split from `inputs.clean`, then `fit_refit`. A class with no sample in the split cannot be fitted:
+    its row of the head is left as it was, and the result says so."""
+    from modelfix.repair.refinement import split_for_repair
+    from modelfix.repair.result import slack_result
+
+    config = RefitConfig(method=method, lam=options["lam"], slack=options["slack"], slack_mode=options["slack_mode"],
+                         batch_size=inputs.batch_size)
+    check_config(config)
+    last_linear(getattr(inputs.model, "net", inputs.model))  # a model without a linear head fails before any pass
+    split = split_for_repair(inputs.model, inputs.clean, options["samples_per_class"], options["keep_incorrect"],
+                             seed=inputs.seed, batch_size=inputs.batch_size)
+    repaired, trace = fit_refit(inputs.model, split, config, inputs.progress)
+    return slack_result(repaired, "posthoc", trace, options, "lambda")
+
+
+@method("rgem", "posthoc", "ridge refit of the last linear layer to the original logits (Supp. D)", PAPER, DEFAULTS,
+        needs=("clean",), command="refit")
+def run_rgem(inputs, **options):
+    return run_refit(inputs, "rgem", **options)
+
+
+@method("ridge", "posthoc", "ridge refit of the last linear layer to one-hot labels (§4.2)", PAPER, DEFAULTS,
+        needs=("clean",), command="refit")
+def run_ridge(inputs, **options):
+    return run_refit(inputs, "ridge", **options)

@@ -97,10 +97,11 @@ def refinement_split(
     n_val_total = math.ceil(val_fraction * samples_per_class)
     n_fit_total = samples_per_class - n_val_total
     fit_idx, val_idx, fit_counts, val_counts = [], [], [], []
-    per_class = {}
+    per_class, missing = {}, []
     for k in range(pool.num_classes):
         members = torch.nonzero(pool.y == k).flatten()
         if len(members) == 0:
+            missing.append(pool.class_names[k])
             continue
         members = members[torch.randperm(len(members), generator=generator)][:samples_per_class]
         n_val = math.ceil(val_fraction * len(members))
@@ -125,6 +126,7 @@ def refinement_split(
         fit_size=int(torch.cat(fit_counts).sum()),
         val_size=int(torch.cat(val_counts).sum()),
         per_class=per_class,
+        missing_classes=missing,
         seed=seed,
     )
     return RefinementSplit(fit, torch.cat(fit_counts), val, torch.cat(val_counts), summary)
@@ -135,3 +137,28 @@ def weighted_accuracy(model: nn.Module, data: Dataset, counts: torch.Tensor, bat
     """Accuracy on the oversampled set that `counts` describes (each item weighted by its multiplicity)."""
     correct = (predict(model, data.x, batch_size) == data.y).double()
     return float((correct * counts.double()).sum() / counts.double().sum())
+
+
+def approved_by_relevance(model: nn.Module, pool: Dataset, min_relevance: float) -> torch.Tensor:
+    """EGEM's sample approval: keep an item when at least `min_relevance` of its |LRP| lies inside its mask, which
+    marks the RELEVANT region (the pool's masks, from --approve-mask); items without a mask are not approved."""
+    from modelfix.explain.lrp import relevance_share
+
+    if not 0.0 <= min_relevance <= 1.0:
+        raise DataError(f"--min-relevance must be in [0, 1], got {min_relevance}")
+    return pool.has_mask & (relevance_share(model, pool, pool.mask) >= min_relevance)
+
+
+def split_for_repair(model: nn.Module, pool: Dataset, samples_per_class: int = 700, keep_incorrect: bool = False,
+                     min_relevance: float | None = None, seed: int = 0, batch_size: int = 256) -> RefinementSplit:
+    """The refinement split every post-hoc method starts from: approval (when `min_relevance` is given), then
+    `refinement_split`."""
+    approved = None if min_relevance is None else approved_by_relevance(model, pool, min_relevance)
+    split = refinement_split(model, pool, samples_per_class=samples_per_class, seed=seed,
+                             keep_incorrect=keep_incorrect, approved=approved, batch_size=batch_size)
+    split.summary["warnings"] = [
+        f"class '{name}' has no usable sample in the clean pool: the repair cannot see it (add approved samples of it)"
+        for name in split.summary["missing_classes"]]
+    if approved is not None:
+        split.summary["approval"] = {"min_relevance": min_relevance, "missing_masks": int((~pool.has_mask).sum())}
+    return split

@@ -16,7 +16,8 @@ from torch import nn
 from modelfix.errors import ModelfixError
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
 from modelfix.repair.selection import check_slack, selection_table
-from modelfix.training import TrainConfig, train
+from modelfix.repair.registry import Method, register
+from modelfix.training import TaskObjective, TrainConfig, train
 
 EPOCH_GRID = (1, 5, 10, 20, 30, 50, 100)
 
@@ -74,3 +75,11 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
         "timing": {"total_s": time.perf_counter() - start},
     }
     return tuned, trace
+
+
+# EGEM's Retrain as a fine-tune of the training data (its epoch grid by slack runs through `fit_retrain` above).
+register(Method("retrain", "finetune", "EGEM's Retrain baseline: task loss, Adam, frozen BatchNorm, grad-norm clip 1e-3",
+                'Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
+                'Networks", Supp. F.3', {},
+                train_defaults={"optimizer": "adam", "grad_clip": 1e-3, "freeze_bn": True},
+                build=lambda model, loss="ce": TaskObjective(loss)))

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.pgd_ex import check_eps
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, pixel_mask
 from modelfix.repair.intervals import input_gradient_bounds, interval_forward, masked_box
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 R4_PAPER = 'R4, "Robustly Right for the Right Reasons" (code: Mihneaghitu/ModelGuidanceViaRobustFeatureAttribution)'
@@ -38,7 +40,9 @@ def _masked_items(batch: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, mask.flatten(1).amax(1) > 0
 
 
-class CertR4:
+@objective("penalise sound interval bounds on the masked input gradient over x ± ε·M", needs_masks=True,
+           weight="lam", train_defaults={"optimizer": "adam", "lr": 1e-3})
+class CertR4(GuidedObjective):
     """Objective `task + λ·R_cert` (module docstring). Defaults: R4's DecoyMNIST table (ε 0.5, k = λ 15)."""
 
     name = "r4-cert"
@@ -68,10 +72,6 @@ class CertR4:
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(model(batch["x"]), batch["y"]), self.penalty(model, batch)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}
-
 
 def worst_case_logits(z_lower: torch.Tensor, z_upper: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """ẑ: the lower bound at the true class, the upper bound at every other class."""
@@ -79,7 +79,12 @@ def worst_case_logits(z_lower: torch.Tensor, z_upper: torch.Tensor, y: torch.Ten
     return torch.where(true, z_lower, z_upper)
 
 
-class IBPEx:
+@objective("IBP-Ex plus λ·L1 of the masked gradient of the logit sum (Heo's combination)", name="ibp-ex-rrr",
+           defaults={"alpha": 0.5, "eps": 0.25, "rrr": 1.0, "ramp": False, "eps_start": 0.0}, needs_masks=True,
+           weight="rrr", train_defaults={"optimizer": "adam", "lr": 1e-3})
+@objective("α·CE + (1 − α)·CE of the worst-case logits over x ± ε·M (interval bounds)", needs_masks=True,
+           train_defaults={"optimizer": "adam", "lr": 1e-3})
+class IBPEx(GuidedObjective):
     """Objective α·CE + (1 − α)·CE(ẑ) (+ λ_rrr·L1 masked logit-sum gradient); module docstring. `task` is α·CE,
     `penalty` the rest, so `loss = task + penalty` (the weights are inside, no extra λ). Defaults: α 0.5 (Heo's
     ramp ends there), ε 0.25 (R4's table for IBP-Ex), rrr 0 (IBP-Ex) or 1 (Heo's IBP-Ex+RRR)."""
@@ -87,6 +92,7 @@ class IBPEx:
     name = "ibp-ex"
     paper = HEO_PAPER
     defaults = {"alpha": 0.5, "eps": 0.25, "rrr": 0.0, "ramp": False, "eps_start": 0.0}
+    weight_attr = None  # the penalty carries its own weights (1 − α, rrr)
 
     def __init__(self, alpha: float = 0.5, eps: float = 0.25, rrr: float = 0.0, ramp: bool = False,
                  eps_start: float = 0.0, loss: str = "ce"):
@@ -130,6 +136,3 @@ class IBPEx:
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.alpha * self.loss_fn(model(batch["x"]), batch["y"]), self.penalty(model, batch)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from modelfix.errors import ModelfixError
 from modelfix.explain.gradcam import normalise_maps, saliency_maps
+from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import check_weight
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = ('CRAYON preprint, "Towards Mitigating Spurious Correlations in Image Classifiers with Simple Yes-no '
@@ -64,13 +66,22 @@ def map_terms(current: Tensor, original: Tensor, variant: str) -> tuple[Tensor, 
     return rel, irrel
 
 
-class CrayonAttention:
+@objective("CE + α·attention of yes-samples outside their original map + β·attention of no-samples inside it",
+           defaults={"alpha": 0.0, "beta": 30.0, "variant": "preprint", "layer": None, "data": None, "verdicts": None},
+           needs=("data", "sample_feedback"), weight="beta",
+           train_defaults={"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4})
+class CrayonAttention(GuidedObjective):
     """Objective `task + penalty` of CRAYON-ATTENTION (module docstring) for the items of `data`, whose per-item
     `verdicts` ("yes" / "no" / "maybe", data order) select the map terms; batches are matched by `batch["index"]`."""
 
     name = "crayon-attention"
     paper = PAPER
     defaults = {"alpha": 0.0, "beta": 30.0, "variant": "preprint", "layer": None}
+    weight_attr = None  # α and β are inside the penalty
+
+    @classmethod
+    def create(cls, model: nn.Module, loss: str = "ce", **hyperparameters) -> "CrayonAttention":
+        return cls(model=model, loss=loss, **hyperparameters)  # the original maps are computed on the model
 
     def __init__(self, model: nn.Module, data=None, verdicts: Sequence[str] | None = None, alpha: float = 0.0,
                  beta: float = 30.0, variant: str = "preprint", layer: str | None = None, loss: str = "ce",
@@ -136,6 +147,3 @@ class CrayonAttention:
         penalty = (self.alpha_eff * rel[use_yes.to(device)].sum() + self.beta_eff * irrel[use_no.to(device)].sum())
         return task, penalty / len(y)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

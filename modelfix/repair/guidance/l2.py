@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import check_weight
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = "baseline (no paper): ERM with an explicit L2 penalty, the effective regulariser of R4's DecoyMNIST baselines"
@@ -26,24 +28,21 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
     return 0.5 * sum(p.pow(2).sum() for p in params)
 
 
-class L2Objective:
+@objective("task loss + (l2/2)·Σθ², the honest baseline for the mask methods", weight="l2")
+class L2Objective(GuidedObjective):
     """Objective `task + l2·(½ Σ θ²)`; `parts["penalty"]` is ½ Σ θ²."""
 
     name = "erm-l2"
     paper = PAPER
     defaults = {"l2": 1e-3}
+    weight_attr = "l2"
 
     def __init__(self, l2: float = 1e-3, loss: str = "ce"):
         self.l2 = check_weight(l2, "erm-l2 l2")
         self.loss_fn = task_loss(loss)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper, "hyperparameters": {"l2": self.l2}}
 
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, penalty), both differentiable."""
         return self.loss_fn(model(batch["x"]), batch["y"]), l2_penalty(model)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.l2 * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

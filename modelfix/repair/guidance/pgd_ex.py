@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, pixel_mask
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = 'Heo et al. 2023, "Use Perturbations when Learning from Explanations" (PGD-Ex; code: vihari/robust_mlx)'
@@ -120,7 +122,9 @@ def pgd_in_box(
     return best.detach()
 
 
-class PGDEx:
+@objective("adversarial training on the task loss inside the masked box (PGD, ≈5.5× ERM)", needs_masks=True,
+           weight="lam", train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4})
+class PGDEx(GuidedObjective):
     """Objective `CE(x) + λ·CE(x*)` (module docstring); parts "task" = CE(x), "penalty" = the adversarial term."""
 
     name = "pgd-ex"
@@ -136,10 +140,6 @@ class PGDEx:
         self.loss = loss
         self.loss_fn = task_loss(loss)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper,
-                "hyperparameters": {"lam": self.lam, "eps": self.eps, "steps": self.steps,
-                                    "step_size": self.step_size}}
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x* for masked items (`mask` N×H×W): PGD on their per-example task loss, in eval mode."""
@@ -166,6 +166,3 @@ class PGDEx:
         """(task, penalty), both differentiable in θ (x* is a constant of the step, as in adversarial training)."""
         return self.loss_fn(model(batch["x"]), batch["y"]), self.penalty(model, batch)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

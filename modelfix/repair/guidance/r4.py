@@ -43,8 +43,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.pgd_ex import check_count, check_eps, check_step_size, pgd_in_box
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, explained_scalar, pixel_mask
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = 'R4, "Robustly Right for the Right Reasons" (code: Mihneaghitu/ModelGuidanceViaRobustFeatureAttribution)'
@@ -79,7 +81,7 @@ def masked_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ma
     return (mask[:, None] * grad).pow(2).flatten(1).sum(dim=1)
 
 
-class _R4Objective:
+class _R4Objective(GuidedObjective):
     """Shared plumbing: `task + λ·penalty`; subclasses define `masked_penalty` on the items that have a mask."""
 
     name = ""
@@ -92,9 +94,6 @@ class _R4Objective:
         self.loss = loss
         self.loss_fn = task_loss(loss)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper,
-                "hyperparameters": {key: getattr(self, key) for key in self.defaults}}
 
     def masked_penalty(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Σ_b of the per-example penalty over the given (masked) items."""
@@ -113,10 +112,6 @@ class _R4Objective:
         """(task, penalty), both differentiable in θ."""
         return self.loss_fn(model(batch["x"]), batch["y"]), self.penalty(model, batch)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}
-
 
 def _on_copies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, deltas: torch.Tensor,
                loss: str) -> torch.Tensor:
@@ -127,6 +122,8 @@ def _on_copies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.T
     return norms.view(n, x.shape[0])
 
 
+@objective("penalise the largest masked input gradient over n random masked-box points", needs_masks=True,
+           weight="lam", train_defaults={"optimizer": "adam", "lr": 1e-3})
 class R4Rand(_R4Objective):
     """Rand-R4: λ · mean_b max_{s ≤ n} ‖M ⊙ ∇ℓ(x_b + δ_s)‖², δ_s ~ U(−ε, ε)·M (module docstring)."""
 
@@ -144,6 +141,8 @@ class R4Rand(_R4Objective):
         return _on_copies(model, x, y, mask, deltas, self.loss).amax(dim=0).sum()
 
 
+@objective("penalise masked input gradients averaged over noisy copies of the image", needs_masks=True,
+           weight="lam", train_defaults={"optimizer": "adam", "lr": 1e-3})
 class SmoothRRR(_R4Objective):
     """Smooth-RRR: λ · mean_b mean_{s ≤ n} ‖M ⊙ ∇ℓ(x_b + δ_s)‖², δ_s ~ U(−ε, ε) on every pixel (module docstring).
 
@@ -165,6 +164,8 @@ class SmoothRRR(_R4Objective):
         return _on_copies(model, x, y, mask, deltas, self.loss).mean(dim=0).sum()
 
 
+@objective("penalise the masked input gradient at a PGD worst case in the masked box", needs_masks=True,
+           weight="lam", train_defaults={"optimizer": "adam", "lr": 2e-3})
 class R4Adv(_R4Objective):
     """Adv-R4: λ · mean_b ‖M ⊙ ∇ℓ(x_b*)‖², x_b* = PGD maximising that same norm in the masked box (module docstring).
 

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from modelfix.errors import UnsupportedModel
-from modelfix.repair.guidance.rrr import (check_weight, explained_scalar, input_gradient, mode_invariant, network_input,
-                                          pixel_mask)
+from modelfix.repair.guidance.base import GuidedObjective
+from modelfix.repair.guidance.rrr import (TAP_SETUP, check_weight, explained_scalar, input_gradient, mode_invariant,
+                                          network_input, pixel_mask)
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = ('Shao, Skryagin, Stammer, Schramowski, Kersting, AAAI 2021, "Right for Better Reasons: Training '
@@ -47,7 +49,9 @@ def rbr_penalty(grad: torch.Tensor, influence: torch.Tensor, mask: torch.Tensor)
     return (mask * grad.sum(dim=1) * influence.sum(dim=1)).pow(2).sum()
 
 
-class RBR:
+@objective("penalise input gradient × influence on the spurious mask (≈12× ERM)", needs_masks=True,
+           weight="lam", train_defaults=TAP_SETUP)
+class RBR(GuidedObjective):
     """Objective `task + λ·L_RBR` (module docstring); the task term and IF share the training-mode forward pass."""
 
     name = "rbr"
@@ -59,8 +63,6 @@ class RBR:
         self.loss = loss
         self.loss_fn = task_loss(loss)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper, "hyperparameters": {"lam": self.lam}}
 
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, penalty), both differentiable."""
@@ -85,6 +87,3 @@ class RBR:
             penalty = x.new_zeros(())
         return task, penalty
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

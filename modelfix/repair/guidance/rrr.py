@@ -35,10 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.repair.guidance.base import GuidedObjective
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = 'Ross, Hughes, Doshi-Velez, IJCAI 2017, "Right for the Right Reasons"'
 TARGETS = ("log-prob-sum", "loss", "logit-sum")
+# TAP §1.6: SGD with momentum 0.9 (the paper's "weight decay 0.9"), lr 1e-3, for TAP, RRR and RBR alike.
+TAP_SETUP = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9}
 
 
 def check_weight(value: float, option: str) -> float:
@@ -130,7 +134,9 @@ def rrr_penalty(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (scale.pow(2) * (mask * g).pow(2).sum(dim=(1, 2))).mean()
 
 
-class RRR:
+@objective("penalise input gradients on the spurious mask (double backprop, ≈3× ERM)", needs_masks=True,
+           weight="lam", train_defaults=TAP_SETUP)
+class RRR(GuidedObjective):
     """Objective `task + λ·L_RRR` (module docstring). Task loss from the normal training-mode forward pass."""
 
     name = "rrr"
@@ -145,8 +151,6 @@ class RRR:
         self.loss = loss
         self.loss_fn = task_loss(loss)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper, "hyperparameters": {"lam": self.lam, "target": self.target}}
 
     def penalty(self, model: nn.Module, batch: dict) -> torch.Tensor:
         x = batch["x"]
@@ -166,6 +170,3 @@ class RRR:
         (grad,) = torch.autograd.grad(explained_scalar(logits, y, self.target, self.loss), z, create_graph=True)
         return self.loss_fn(logits, y), rrr_penalty(grad, mask)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
-from modelfix.repair.guidance.rrr import check_weight, pixel_mask
+from modelfix.repair.guidance.base import GuidedObjective
+from modelfix.repair.guidance.rrr import TAP_SETUP, check_weight, pixel_mask
+from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
 PAPER = 'Zhang, Williams, Toni, AAAI 2024, "Targeted Activation Penalties Help CNNs Ignore Spurious Signals"'
@@ -141,13 +143,19 @@ def resolve_tap_layers(net: nn.Module, layers: str | Sequence[str] | None) -> li
     return [(name, modules[name]) for name in dict.fromkeys(names)]
 
 
-class TAP:
+@objective("penalise conv activations under the (progressively downscaled) spurious mask", needs_masks=True,
+           weight="lam", train_defaults=TAP_SETUP)
+class TAP(GuidedObjective):
     """Objective `task + λ·L_TAP` (module docstring). `layers` None: `default_tap_layers`; passing `model` checks
     the names at construction instead of at the first step."""
 
     name = "tap"
     paper = PAPER
     defaults = {"lam": 1e-3, "layers": None, "norm": "squared"}
+
+    @classmethod
+    def create(cls, model: nn.Module, loss: str = "ce", **hyperparameters) -> "TAP":
+        return cls(loss=loss, model=model, **hyperparameters)  # the layers are resolved on the model
 
     def __init__(self, lam: float = 1e-3, layers: str | Sequence[str] | None = None, norm: str = "squared",
                  loss: str = "ce", model: nn.Module | None = None):
@@ -160,9 +168,6 @@ class TAP:
         if model is not None:
             resolve_tap_layers(_network(model), layers)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "paper": self.paper,
-                "hyperparameters": {"lam": self.lam, "layers": self.layers, "norm": self.norm}}
 
     def activations(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits, hooked maps in execution order) from one forward pass; hooks never outlive the call."""
@@ -196,6 +201,3 @@ class TAP:
         task = self.loss_fn(logits, batch["y"])
         return task, tap_penalty(maps, pixel_mask(batch, x.dtype).unsqueeze(1), self.norm)
 
-    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        task, penalty = self.terms(model, batch)
-        return task + self.lam * penalty, {"task": float(task.detach()), "penalty": float(penalty.detach())}

@@ -1,20 +1,41 @@
 """modelfix: repair image classifiers that learned a spurious shortcut, and prove what changed.
 
-The public Python API; the CLI (`modelfix ...`) is a thin layer over these.
+The public Python API; the CLI (`modelfix ...`) is a thin layer over the application layer (`modelfix.app`).
+Names are imported on first use, so `import modelfix` (and `modelfix --version`) does not import torch.
 """
+
+import importlib
+
+# Loaded first so that the public function `repair` below keeps the name `modelfix.repair` (the subpackage stays
+# reachable as `modelfix.repair.<module>` through the import system).
+from . import repair as _repair_package  # noqa: F401
 
 __version__ = "0.1.0"
 
-from .card import InputSpec, ModelCard  # noqa: E402
-from .checkpoint import ModelOverrides, load_model, save_model  # noqa: E402
-from .data import Dataset, load_data, load_scenario, parse_artifact, poison  # noqa: E402
-from .errors import ModelfixError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .training import TrainConfig, train  # noqa: E402
-from .zoo import Classifier, build_model  # noqa: E402
+_PUBLIC = {
+    "InputSpec": "card", "ModelCard": "card", "ModelOverrides": "checkpoint", "load_model": "checkpoint",
+    "save_model": "checkpoint", "Dataset": "data", "load_data": "data", "load_scenario": "data",
+    "parse_artifact": "data", "poison": "data", "ModelfixError": "errors", "evaluate": "evaluate",
+    "TrainConfig": "training", "train": "training", "Classifier": "zoo", "build_model": "zoo",
+    "RepairResult": "repair.result", "list_methods": "repair.registry", "get_method": "repair.registry",
+    "compare": "app.compare",
+}
 
-__all__ = [
-    "Classifier", "Dataset", "InputSpec", "ModelCard", "ModelOverrides", "ModelfixError", "TrainConfig",
-    "build_model", "evaluate", "load_data", "load_model", "load_scenario", "parse_artifact", "poison",
-    "save_model", "train",
-]
+
+def repair(model, data=None, method: str = "pca-egem", **options):
+    """Repair a copy of `model` with `method` and return a `RepairResult` (`modelfix.app.repair.repair`)."""
+    from .app.repair import repair as run
+
+    return run(model, data, method, **options)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        module = importlib.import_module(f"{__name__}.{_PUBLIC[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelfix' has no attribute '{name}'")
+
+
+__all__ = ["__version__", "repair", *_PUBLIC]

@@ -358,6 +358,20 @@ def load_model(
 # writing
 
 
+def write_checkpoint(model: nn.Module, card: ModelCard, path: Path, sidecar: Path) -> None:
+    """Write `model`'s tensors (stock `net` keys plus patch tensors) with `card` in the metadata to `path`, and the
+    card as JSON to `sidecar`, exactly where named (the callers write temporary names and rename them)."""
+    from safetensors.torch import save_file
+
+    net = model.net if isinstance(model, Classifier) else model
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+    extra, entries = patch_state(model)
+    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()})
+    card = dataclasses.replace(card, patches=list(entries))
+    save_file(tensors, str(path), metadata=card.to_metadata())
+    Path(sidecar).write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
+
+
 def save_model(
     model: nn.Module, card: ModelCard, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()
 ) -> Path:
@@ -367,22 +381,15 @@ def save_model(
     patches `patch_state(model)` reports. Both files go to temporary names in the target folder and are renamed
     into place; on any failure nothing is left behind. An output that is one of `inputs` is refused.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelfixError(f"output {path} must end in .safetensors", hint="modelfix writes safetensors only")
     side = sidecar_path(path)
     targets = {path.resolve(), side.resolve()}
     for source in inputs:
-        if Path(source).resolve() in targets:
-            raise ModelfixError(f"refusing to write {path} over the input {source}", hint="choose another output path")
-
-    net = model.net if isinstance(model, Classifier) else model
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
-    extra, entries = patch_state(model)
-    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()})
-    card = dataclasses.replace(card, patches=list(entries))
+        if {Path(source).resolve(), sidecar_path(source).resolve()} & targets:  # the input or its card
+            raise ModelfixError(f"refusing to write {path} over the input {source} (or its card)",
+                                hint="choose another output path")
 
     token = secrets.token_hex(4)
     tmp = path.with_name(f".{path.name}.{token}.tmp")
@@ -390,8 +397,7 @@ def save_model(
     placed: list[Path] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=card.to_metadata())
-        tmp_side.write_text(card.to_json(indent=2) + "\n", encoding="utf-8")
+        write_checkpoint(model, card, tmp, tmp_side)
         os.replace(tmp, path)
         placed.append(path)
         os.replace(tmp_side, side)

@@ -158,7 +158,7 @@ def run_finetune(entry: Method, inputs, **options):
     """The λ sweep of `entry` on `inputs.data` from `inputs.model` (untouched), chosen on `inputs.val`."""
     from modelfix.repair.result import RepairResult, Selection
 
-    config, hparams, sweep = split_options(entry, options)
+    config, hparams, sweep = split_options(entry, {"seed": inputs.seed, **options})
     if "verdicts" in entry.hyperparameters:  # feedback methods get the data and one verdict per item
         from modelfix.feedback import read_sample_feedback
 

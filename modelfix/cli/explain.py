@@ -13,10 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
-                  NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _default_test_split,
-                  _device, _load, app, err, handles_errors)
-from .errors import ModelfixError
+from ..app.resolve import check_fits, data_info, default_test_split, device_name, load_checkpoint, load_dataset
+from ..errors import ModelfixError
+from .base import app, err, handles_errors
+from .options import ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt, NumClassesOpt, SeedOpt, StdOpt, TrustOpt
 
 SCHEMA = "modelfix.explain/v1"
 
@@ -84,14 +84,14 @@ def explain(
     import numpy as np
     import torch
 
-    from .checkpoint import sha256_file, sidecar_path
-    from .data.sources import staged_folder
-    from .explain.attribution import (attribution_details, check_method, composite_name, composite_warnings,
+    from ..checkpoint import sha256_file, sidecar_path
+    from ..data.sources import staged_folder
+    from ..explain.attribution import (attribution_details, check_method, composite_name, composite_warnings,
                                       default_composite, relevance_maps, resolve_targets)
-    from .explain.heatmap import check_cmap, colorize, image_png_bytes, save_png, write_bytes_atomic
-    from .explain.lrp import canonizers_for
+    from ..explain.heatmap import check_cmap, colorize, image_png_bytes, save_png, write_bytes_atomic
+    from ..explain.lrp import canonizers_for
     from .progress import progress_bar
-    from .report import json_safe
+    from ..report import json_safe
 
     started = time.perf_counter()
     check_method(method)
@@ -112,12 +112,12 @@ def explain(
         inputs.append(Path(data).expanduser())
     _check_output(output, inputs)
 
-    model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size,
+    model, card = load_checkpoint(model_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels, input_size,
                         mean, std)
     composite = composite or default_composite(model)
-    spec = data or _default_test_split(card)
-    dataset = _data(spec, data_root, seed, masks, class_names=card.class_names)
-    _check_fits(dataset, card, spec)
+    spec = data or default_test_split(card)
+    dataset = load_dataset(spec, data_root, seed, masks, class_names=card.class_names)
+    check_fits(dataset, card, spec)
     n = len(dataset) if limit == 0 else min(limit, len(dataset))
     subset = dataset.subset(torch.arange(n))
     if n == 0:
@@ -136,7 +136,7 @@ def explain(
         "command": "explain",
         "model": {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch,
                   "num_classes": card.num_classes},
-        "data": _data_info(spec, subset),
+        "data": data_info(spec, subset),
         "method": method,
         "composite": composite_name(composite).replace("_", "-") if method == "lrp" else None,
         "canonizers": [type(c).__name__ for c in canonizers_for(model.net)] if method == "lrp" else None,

@@ -15,8 +15,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .cli import JsonOpt, app, handles_errors, out
-from .errors import ModelfixError
+from ..errors import ModelfixError
+from .base import app, handles_errors, out
+from .options import JsonOpt
 
 SCHEMA = "modelfix.comparison/v1"
 
@@ -189,8 +190,8 @@ def report(
     json_output: JsonOpt = False,
 ) -> None:
     """Merge several runs (evaluate or repair folders) into one comparison table and chart."""
-    from .report import json_safe, write_text_atomic
-    from .report_html import render_comparison_html
+    from ..report import json_safe, write_text_atomic
+    from ..report_html import render_comparison_html
 
     for path in dirs:
         folder = path.parent if path.is_file() else path

@@ -5,17 +5,16 @@ verdicts) and `prune-crayon` (zero the "no" channels, refit the last layer). `fi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
-                  NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _load, app, err,
-                  handles_errors, out)
-from .errors import ModelfixError
+from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
+from ..errors import ModelfixError
+from .base import app, handles_errors, out, render_outcome, say
+from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt, NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, StrictOpt, TrustOpt, model_overrides, repair_job_common)
 
 feedback_app = typer.Typer(help="Yes/no feedback for CRAYON: neuron galleries, saliency maps, simulated verdicts.",
                            no_args_is_help=True)
@@ -32,14 +31,14 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime"
 
 def _model_and_data(model_path, data, masks, data_root, seed, device, trust, arch, num_classes, in_channels,
                     input_size, mean, std):
-    model, card = _load(model_path, trust, _device(device), arch, num_classes, in_channels, input_size, mean, std)
-    dataset = _data(data, data_root, seed, masks, class_names=card.class_names)
-    _check_fits(dataset, card, data)
+    model, card = load_checkpoint(model_path, trust, device_name(device), arch, num_classes, in_channels, input_size, mean, std)
+    dataset = load_dataset(data, data_root, seed, masks, class_names=card.class_names)
+    check_fits(dataset, card, data)
     return model, card, dataset
 
 
 def _maps(model, dataset, layer, batch_size):
-    from .repair.guidance.crayon_attention import frozen_maps
+    from ..repair.guidance.crayon_attention import frozen_maps
 
     return frozen_maps(model, dataset, None if layer in (None, "auto") else layer, batch_size)
 
@@ -68,7 +67,7 @@ def feedback_gallery(
 ) -> None:
     """Per channel of a layer, the top-k activating image patches as one PNG grid, an index page and a blank
     neurons.csv to fill with yes (keep) / no (prune)."""
-    from .feedback import write_gallery
+    from ..feedback import write_gallery
 
     if top_k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {top_k}")
@@ -104,7 +103,7 @@ def feedback_saliency(
 ) -> None:
     """Per sample, the true-class Grad-CAM map (|input gradient| for nets without conv) as an overlay PNG, all maps
     in maps.safetensors, and a blank samples.csv to fill with yes / no / maybe."""
-    from .feedback import write_saliency
+    from ..feedback import write_saliency
 
     model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, trust_checkpoint, arch,
                                         num_classes, in_channels, input_size, mean, std)
@@ -130,6 +129,7 @@ def feedback_simulate(
     no_above: Annotated[float, typer.Option("--no-above", help="samples: 'no' when more than this share of the map lies on the artifact region (paper: 0.2).")] = 0.2,
     region: Annotated[str, typer.Option("--region", help="Artifact region: mask (the data's masks) or corners (the four corner squares, the CRAYON paper's DecoyMNIST rule).")] = "mask",
     corner_size: Annotated[int, typer.Option("--corner-size", help="Side of each corner square for --region corners.")] = 4,
+    overwrite: OverwriteOpt = False,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
     trust_checkpoint: TrustOpt = False,
@@ -145,7 +145,7 @@ def feedback_simulate(
 ) -> None:
     """The papers' automated verdicts from the artifact masks, so benchmarks and users without annotators can run
     CRAYON end to end. The thresholds go into the file's header."""
-    from .feedback import (corner_region, default_feedback_layer, sample_ids, simulate_neurons, simulate_samples,
+    from ..feedback import (corner_region, default_feedback_layer, sample_ids, simulate_neurons, simulate_samples,
                            top_activations, write_neuron_feedback, write_sample_feedback)
 
     if kind not in ("neurons", "samples"):
@@ -154,6 +154,9 @@ def feedback_simulate(
         raise ModelfixError(f"--region must be mask or corners, not '{region}'")
     if output.suffix.lower() != ".csv":
         raise ModelfixError(f"-o {output}: simulated feedback is written as .csv")
+    from ..app.outputs import OutputPlan
+
+    OutputPlan(files=[] if overwrite else [output], inputs=[model_path, data, masks], folder_option="-o").check()
     model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, trust_checkpoint, arch,
                                         num_classes, in_channels, input_size, mean, std)
     judged = corner_region(dataset, corner_size) if region == "corners" else dataset
@@ -196,6 +199,9 @@ def prune_crayon(
     batch_size: BatchOpt = 128,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, heatmaps) into this folder.", rich_help_panel="Output")] = None,
     eval_data: EvalDataOpt = None,
+    artifact: ArtifactOpt = None,
+    overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
     data_root: DataRootOpt = None,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
@@ -209,49 +215,30 @@ def prune_crayon(
     json_output: JsonOpt = False,
 ) -> None:
     """CRAYON-PRUNING: zero the channels people answered "no", then fine-tune only the last linear layer."""
-    from .checkpoint import save_model, sha256_file
-    from .feedback import declared_layer, read_neuron_feedback
-    from .report import json_safe, render_crayon_markdown, write_repair_report
-    from .repair.crayon import head_link, prune_crayon as run_prune, random_channels
+    from ..app.repair import RepairJob, repair_files
 
     if feedback is None:
         raise ModelfixError("prune-crayon needs --feedback FILE (neuron verdicts)",
                             hint="`modelfix feedback gallery` writes a blank neurons.csv; `feedback simulate --kind neurons` fills one")
-    if output.suffix != ".safetensors":
-        raise ModelfixError(f"-o {output}: the output must be a .safetensors file")
     if epochs < 0:
         raise ModelfixError(f"--epochs must be >= 0, not {epochs}")
-    model, card, dataset = _model_and_data(model_path, data, None, data_root, seed, device, trust_checkpoint, arch,
-                                           num_classes, in_channels, input_size, mean, std)
-    link = head_link(model, layer or declared_layer(feedback), dataset.x[:4])  # --layer, else the file's, else default
-    verdicts = read_neuron_feedback(feedback, link.n_channels, link.layer)
-    prune = random_channels(link.n_channels, len(verdicts.prune), seed) if random else verdicts.prune
-    pruned, trace = run_prune(model, dataset, prune, layer=link.layer, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                              batch_size=batch_size, seed=seed)
-    trace["method"] = "crayon-pruning" + (" (random baseline)" if random else "")
-    trace["feedback"] = {"file": str(feedback), "no": len(verdicts.prune), "keep": len(verdicts.keep)}
-    settings = {"feedback": str(feedback), "layer": link.layer, "random": random, "epochs": epochs, "lr": lr,
+    settings = {"feedback": str(feedback), "layer": layer, "random": random, "epochs": epochs, "lr": lr,
                 "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
-    entry = {"command": "prune-crayon", "method": trace["method"], "config": settings,
-             "data": _data_info(data, dataset), "trace": trace}
-    new_card = dataclasses.replace(card.with_history(entry),
-                                   provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
-                                               "parent_card": card.fingerprint()})
-    save_model(pruned.cpu(), new_card, output, inputs=[model_path, feedback])
-    document = json_safe({"schema": "modelfix.repair/v1", "model": str(model_path), "output": str(output), **entry})
-    if report is not None:
-        from .cli import _assessment
-
-        full = {**document, **_assessment(pruned, card, eval_data, data_root, seed, model)}
-        write_repair_report(report, json_safe(full), render_crayon_markdown)
-    for warning in trace.get("warnings", []):
-        err.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+    job = RepairJob("prune-crayon", "crayon-pruning", output, model_path,
+                    options={"layer": layer, "random": random, "epochs": epochs, "lr": lr, "weight_decay": weight_decay},
+                    data=data, feedback=feedback, report=report, eval_data=eval_data, artifact=artifact, config=settings,
+                    **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
+                                        model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+    result, document = repair_files(job)
+    trace = document["trace"]
+    document["config"]["layer"] = trace["layer"]
     if json_output:
-        print(json.dumps(document))
-        return
-    summary = f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {link.layer}"
-    if "accuracy_before" in trace:  # absent when nothing was pruned (the model is written unchanged)
-        summary += (f" ({'random' if random else 'the no verdicts'}); training accuracy "
-                    f"{100 * trace['accuracy_before']:.2f} % → {100 * trace['accuracy_after']:.2f} %")
-    out.print(summary)
-    out.print(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
+        print(json.dumps({k: v for k, v in document.items() if k != "heatmaps"}))
+    else:
+        summary = f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {trace['layer']}"
+        if "accuracy_before" in trace:  # absent when nothing was pruned (the model is written unchanged)
+            summary += (f" ({'random' if random else 'the no verdicts'}); training accuracy "
+                        f"{100 * trace['accuracy_before']:.2f} % → {100 * trace['accuracy_after']:.2f} %")
+        say(summary)
+        say(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
+    render_outcome(document, strict)

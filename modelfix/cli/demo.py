@@ -13,8 +13,9 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import JsonOpt, SeedOpt, app, err, handles_errors, out
-from .errors import ModelfixError
+from ..errors import ModelfixError
+from .base import app, err, handles_errors, out
+from .options import JsonOpt, SeedOpt
 
 
 def _table(results: dict) -> Table:
@@ -45,7 +46,7 @@ def demo(
 ) -> None:
     """The whole story on the embedded digits: train a model that takes a Clever Hans tag as a shortcut, show the
     shortcut, repair it with EGEM, PCA-EGEM, RGEM, Ridge, CRAYON-PRUNING, TAP, RRR and Cert-R4, compare them."""
-    from .demo import run_demo, stages
+    from ..demo import run_demo, stages
 
     if output.exists() and not output.is_dir():
         raise ModelfixError(f"-o {output}: exists and is not a folder", hint="give a folder (it is created if missing)")
@@ -63,7 +64,7 @@ def demo(
 
         results = run_demo(output, quick=quick, seed=seed, progress=progress)
     if json_output:
-        from .report import json_safe
+        from ..report import json_safe
 
         print(json.dumps(json_safe({k: v for k, v in results.items() if k != "heatmaps"})))
         return

@@ -7,7 +7,6 @@ app when `modelfix.cli` is imported; no algorithms live here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,10 +14,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import (ArchOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
-                  NumClassesOpt, SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _floats, _load, app,
-                  handles_errors, out)
-from .errors import ModelfixError
+from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset, parse_floats
+from ..errors import ModelfixError
+from .base import app, handles_errors, out, render_outcome, say
+from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt,
+                      MeanOpt, NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, StrictOpt, TrustOpt, model_overrides,
+                      repair_job_common)
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
 
@@ -54,7 +55,7 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write 
 
 def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select):
     """TrainConfig: its own defaults < the method's `train_defaults` < what the user passed (None: not passed)."""
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum,
              "weight_decay": weight_decay}
@@ -81,53 +82,19 @@ def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon
     return hparams
 
 
+def _options(config, hparams: dict, lambdas: str | None, select_by: str) -> dict:
+    """The flat option dict of a fine-tune: TrainConfig fields, the method's hyper-parameters, the λ sweep."""
+    return {**config.to_dict(), **hparams, "lambdas": parse_floats(lambdas, "--lambda"), "select_by": select_by}
+
+
 def _finetune_method(name: str):
-    from .repair.methods import get_method
+    from ..repair.registry import get_method
 
     method = get_method(name)
     if method.kind != "finetune":
         raise ModelfixError(f"'{name}' is a post-hoc method; it runs through its own command",
                             hint="prune-egem for egem/pca-egem/egem-full, refit for rgem/ridge")
     return method
-
-
-def _sweep(model, card, method, data_spec, masks, val_spec, lambdas, hparams, config, select_by, data_root, seed,
-           feedback=None):
-    """Load the data, check it against the model, run the λ sweep; returns (result, train data, val data)."""
-    from .repair.finetune import finetune
-
-    train_data = _data(data_spec, data_root, seed, masks, class_names=card.class_names)
-    _check_fits(train_data, card, data_spec)
-    if "verdicts" in method.hyperparameters:  # feedback methods get the data and one verdict per item
-        if feedback is None:
-            raise ModelfixError(f"method '{method.name}' needs --feedback FILE (yes/no/maybe per training sample)",
-                                hint="`modelfix feedback saliency` writes a blank samples.csv; `feedback simulate` fills one")
-        from .feedback import read_sample_feedback
-
-        hparams = {**hparams, "data": train_data, "verdicts": read_sample_feedback(feedback).for_data(train_data)}
-    elif feedback is not None:
-        raise ModelfixError(f"--feedback does not apply to method '{method.name}'", hint="it feeds crayon-attention")
-    val_data = None
-    if val_spec:
-        val_data = _data(val_spec, data_root, seed, class_names=card.class_names)
-        _check_fits(val_data, card, val_spec)
-    result = finetune(model, train_data, method.name, config, lambdas=_floats(lambdas, "--lambda"), hparams=hparams,
-                      val=val_data, select_by=select_by)
-    return result, train_data, val_data
-
-
-def _document(command, method, model_ref, output, config, hparams, sweep, data_spec, train_data, masks, val_spec,
-              val_data, feedback=None) -> dict:
-    from .report import json_safe
-
-    return json_safe({
-        "schema": "modelfix.finetune/v1", "command": command, "method": method.name, "paper": method.paper,
-        "model": model_ref, "output": str(output), "config": config.to_dict(), "hyperparameters": hparams,
-        "data": {**_data_info(data_spec, train_data), "masks": str(masks) if masks else None,
-                 "with_mask": int(train_data.has_mask.sum()), "feedback": str(feedback) if feedback else None},
-        "val": _data_info(val_spec, val_data) if val_data is not None else None,
-        "sweep": sweep.to_dict(),
-    })
 
 
 def _print_sweep(doc: dict) -> None:
@@ -146,41 +113,28 @@ def _print_sweep(doc: dict) -> None:
     out.print(table)
 
 
-def _selection(sweep: dict) -> dict | None:
-    """The λ sweep as the report's selection rows (validation accuracy per λ), when there was validation data."""
-    from .assessment import selection_rows
+def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> None:
+    """Run the job through the application layer and render its sweep, verdict and warnings."""
+    from ..app.repair import repair_files
 
-    runs = sweep["runs"]
-    if not runs or any(run.get("val_accuracy") is None for run in runs):
-        return None
-    return {"parameter": "λ", "score_name": "validation accuracy",
-            "rows": selection_rows([run["lambda"] for run in runs], [run["val_accuracy"] for run in runs],
-                                   sweep["chosen"])}
+    if job.feedback is None and "verdicts" in _finetune_method(job.method).hyperparameters:
+        raise ModelfixError(f"method '{job.method}' needs --feedback FILE (yes/no/maybe per training sample)",
+                            hint="`modelfix feedback saliency` writes a blank samples.csv; `feedback simulate` fills one")
+    if job.feedback is not None and "verdicts" not in _finetune_method(job.method).hyperparameters:
+        raise ModelfixError(f"--feedback does not apply to method '{job.method}'", hint="it feeds crayon-attention")
+    result, doc = repair_files(job)
+    if train_accuracy:
+        from ..training import accuracy
 
-
-def _write(model, card, output, doc, report, json_output, inputs, before=None, eval_data=None, data_root=None,
-           seed=0) -> None:
-    from .checkpoint import save_model
-    from .cli import _assessment
-    from .report import json_safe, render_finetune_markdown, write_repair_report
-
-    save_model(model.cpu(), card, output, inputs=inputs)
-    if report is not None:
-        full = {**doc, "selection": _selection(doc["sweep"]),
-                **_assessment(model, card, eval_data, data_root, seed, before)}
-        write_repair_report(report, json_safe(full), render_finetune_markdown)
+        doc["train_accuracy"] = accuracy(result.model, load_dataset(job.data, job.data_root, job.seed, job.masks))
     if json_output:
-        print(json.dumps(doc))
-        return
-    _print_sweep(doc)
-    if "train_accuracy" in doc:
-        out.print(f"training accuracy {100 * doc['train_accuracy']:.2f} %")
-    out.print(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
-
-
-def _check_output(output: Path) -> None:
-    if output.suffix != ".safetensors":
-        raise ModelfixError(f"-o {output}: the output must be a .safetensors file")
+        print(json.dumps({k: v for k, v in doc.items() if k != "heatmaps"}))
+    else:
+        _print_sweep(doc)
+        if "train_accuracy" in doc:
+            out.print(f"training accuracy {100 * doc['train_accuracy']:.2f} %")
+        say(f"wrote {job.output}" + (f" and {job.report}/report.html" if job.report is not None else ""))
+    render_outcome(doc, strict)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------------
@@ -222,6 +176,9 @@ def train(
     select: SelectOpt = "final",
     report: ReportOpt = None,
     eval_data: EvalDataOpt = None,
+    artifact: ArtifactOpt = None,
+    overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
     seed: SeedOpt = 0,
@@ -231,22 +188,21 @@ def train(
     """Train a model from random initialisation, with plain ERM or a guided objective (how the papers train)."""
     import torch
 
-    from .card import InputSpec, ModelCard
-    from .training import accuracy
-    from .zoo import build_model, default_input_spec
+    from ..app.repair import RepairJob
+    from ..card import InputSpec, ModelCard
+    from ..zoo import build_model, default_input_spec
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
-    _check_output(output)
-    dev = _device(device)
+    dev = device_name(device)
     base = default_input_spec(arch)
-    probe = _data(data, data_root, seed, masks)  # the data decide channels, size and classes of a new model
+    probe = load_dataset(data, data_root, seed, masks)  # the data decide channels, size and classes of a new model
     c, h, w = probe.shape
     spec = InputSpec(channels=c, height=h, width=w,
-                     mean=_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
-                     std=_floats(std, "--std") or (base.std if len(base.std) in (1, c) else (base.std[0],)))
+                     mean=parse_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
+                     std=parse_floats(std, "--std") or (base.std if len(base.std) in (1, c) else (base.std[0],)))
     card = ModelCard(arch=arch, num_classes=probe.num_classes, input=spec, class_names=list(probe.class_names),
                      artifact=probe.info.get("artifact"),
                      dataset={"spec": data, "checksum": probe.checksum(), "n": len(probe),
@@ -254,15 +210,11 @@ def train(
                      provenance={"source": "random initialisation"})
     torch.manual_seed(seed)
     model = build_model(card).to(dev)
-    sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
-                                         data_root, seed, feedback)
-    doc = _document("train", entry, f"random init ({arch}, seed {seed})", output, config, hparams, sweep, data,
-                    train_data, masks, val, val_data, feedback)
-    doc["train_accuracy"] = accuracy(sweep.model, train_data)
-    card = card.with_history({"command": "train", "method": method, "config": config.to_dict(), "data": data,
-                              "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]})
-    _write(sweep.model, card, output, doc, report, json_output, [Path(p) for p in (data, val, masks, feedback) if p],
-           None, eval_data, data_root, seed)
+    job = RepairJob("train", method, output, model_and_card=(model, card), options=_options(config, hparams, lambdas, select_by),
+                    data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
+                    artifact=artifact, data_root=data_root, seed=seed, device=dev, batch_size=batch_size,
+                    overwrite=overwrite, config=config.to_dict())
+    _run(job, json_output, strict, train_accuracy=True)
 
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
@@ -301,6 +253,9 @@ def finetune(
     select: SelectOpt = "final",
     report: ReportOpt = None,
     eval_data: EvalDataOpt = None,
+    artifact: ArtifactOpt = None,
+    overwrite: OverwriteOpt = False,
+    strict: StrictOpt = False,
     trust_checkpoint: TrustOpt = False,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -312,26 +267,20 @@ def finetune(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
-    """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR) or a baseline (retrain, erm-l2, erm)."""
-    from .checkpoint import sha256_file
+    """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR, the R4 family, IBP-Ex, PGD-Ex, CRAYON-ATTENTION)
+    or a baseline (retrain, erm-l2, erm)."""
+    from ..app.repair import RepairJob
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
-    _check_output(output)
-    model, card = _load(model_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
-    sweep, train_data, val_data = _sweep(model, card, entry, data, masks, val, lambdas, hparams, config, select_by,
-                                         data_root, seed, feedback)
-    doc = _document("finetune", entry, str(model_path), output, config, hparams, sweep, data, train_data, masks, val,
-                    val_data, feedback)
-    history = {"command": "finetune", "method": method, "config": config.to_dict(), "data": data, "masks": str(masks) if masks else None,
-               "val": val, "hyperparameters": hparams, "sweep": doc["sweep"]}
-    new_card = dataclasses.replace(card.with_history(history),
-                                   provenance={"parent": str(model_path), "parent_sha256": sha256_file(model_path),
-                                               "parent_card": card.fingerprint()})
-    _write(sweep.model, new_card, output, doc, report, json_output,
-           [model_path, *(Path(p) for p in (data, val, masks, feedback) if p)], model, eval_data, data_root, seed)
+    job = RepairJob("finetune", method, output, model_path, options=_options(config, hparams, lambdas, select_by),
+                    data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
+                    artifact=artifact, config=config.to_dict(),
+                    **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
+                                        model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+    _run(job, json_output, strict)
 
 
 @app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")
@@ -356,15 +305,21 @@ def annotate(
     json_output: JsonOpt = False,
 ) -> None:
     """Teacher masks: per image, the τ-fraction of pixels with the lowest input-gradient saliency of the teacher."""
-    from .repair.annotate import annotate as run_annotate
-    from .repair.annotate import check_tau, mask_size, write_masks
+    from ..repair.annotate import annotate as run_annotate
+    from ..repair.annotate import check_tau, mask_size, write_masks
 
     check_tau(tau)
     if batch_size < 1:
         raise ModelfixError(f"--batch-size must be at least 1, not {batch_size}")
-    model, card = _load(teacher_path, trust_checkpoint, _device(device), arch, num_classes, in_channels, input_size, mean, std)
-    dataset = _data(data, data_root, seed, class_names=card.class_names)
-    _check_fits(dataset, card, data)
+    from ..app.outputs import OutputPlan
+
+    bundle = output.suffix in (".npz", ".safetensors")
+    OutputPlan(folder=None if bundle else output, files=[output] if bundle else [], inputs=[teacher_path, data],
+               folder_option="-o").check()
+    model, card = load_checkpoint(teacher_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels,
+                                  input_size, mean, std)
+    dataset = load_dataset(data, data_root, seed, class_names=card.class_names)
+    check_fits(dataset, card, data)
     masked = run_annotate(None if random else model, dataset, tau=tau, random=random, seed=seed, batch_size=batch_size)
     written = write_masks(masked, output)
     _, h, w = dataset.shape
@@ -383,7 +338,7 @@ def methods_cmd(json_output: JsonOpt = False) -> None:
     """Every repair method: what it does, its paper, its hyper-parameters and defaults."""
     from rich.markup import escape
 
-    from .repair.methods import METHODS
+    from ..repair.methods import METHODS
 
     inputs = ("data", "verdicts")  # filled from --data and --feedback, not options
     rows = [{"name": m.name, "kind": m.kind, "summary": m.summary, "paper": m.paper, "needs_masks": m.needs_masks,

@@ -12,8 +12,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .cli import DataRootOpt, JsonOpt, _device, bench_app, handles_errors, out
-from .errors import ModelfixError
+from ..app.resolve import device_name
+from ..errors import ModelfixError
+from .base import bench_app, handles_errors, out
+from .options import DataRootOpt, JsonOpt
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:
@@ -41,7 +43,7 @@ def _case_values(text: str | None) -> dict:
 
 def _write_json(output: Path | None, result: dict, json_output: bool) -> bool:
     """Write/print the JSON result; True when the caller should stop (--json)."""
-    from .report import json_safe, write_text_atomic
+    from ..report import json_safe, write_text_atomic
 
     if output is not None:
         write_text_atomic(output, json.dumps(json_safe(result), indent=2) + "\n")
@@ -67,7 +69,7 @@ def bench_tap_mnist(
     json_output: JsonOpt = False,
 ) -> None:
     """The TAP paper's DecoyMNIST table (tap-cnn, SGD lr 1e-3 momentum 0.9, batch 256) at a budget you choose."""
-    from .bench.tap_mnist import run
+    from ..bench.tap_mnist import run
 
     result = run(scenario=scenario, data_root=data_root, epochs=epochs, train_size=train_size or None, seeds=seeds,
                  cases=_names(cases, "--cases"), tau=tau, teacher_epochs=teacher_epochs or None,
@@ -107,10 +109,10 @@ def bench_cost(
     json_output: JsonOpt = False,
 ) -> None:
     """Step time and peak memory of each guided method relative to ERM, same model and batch, in one run."""
-    from .bench.cost import run
+    from ..bench.cost import run
 
     result = run(archs=_names(archs, "--archs"), methods=_names(methods, "--methods"), repeats=repeats,
-                 threads=threads or None, warmup=warmup, batch_size=batch_size or None, device=_device(device))
+                 threads=threads or None, warmup=warmup, batch_size=batch_size or None, device=device_name(device))
     if _write_json(output, result, json_output):
         return
     for arch, block in result["archs"].items():
@@ -153,7 +155,7 @@ def bench_crayon_mnist(
 ) -> None:
     """CRAYON's DecoyMNIST table (crayon-mlp: Original, Train More, CRAYON-ATTENTION, RRR) and CRAYON-PRUNING vs
     Random Pruning on a CNN, with simulated feedback: accuracy and worst-group accuracy on the permuted test."""
-    from .bench.crayon_mnist import run
+    from ..bench.crayon_mnist import run
 
     result = run(scenario=scenario, data_root=data_root, seeds=seeds, train_size=train_size or None,
                  test_size=test_size or None, original_epochs=original_epochs, attention_epochs=attention_epochs,
@@ -205,7 +207,7 @@ def bench_r4_mnist(
     macro-group and worst-group accuracy on the random-colour test and the fragility δ, for every mask method."""
     import torch
 
-    from .bench.r4_mnist import run
+    from ..bench.r4_mnist import run
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,265 @@
+"""`repair(model, data, method, **options) -> RepairResult` for Python callers, and `repair_files(job)` for every
+command that writes a repaired checkpoint: outputs checked first, inputs resolved, the method run, the evaluation
+and the verdict, history and provenance recorded once, checkpoint and report committed together once."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelfix.app import outputs, resolve
+from modelfix.errors import ModelfixError
+from modelfix.repair.registry import check_options, get_method
+from modelfix.repair.result import RepairInputs, RepairResult
+
+COLLAPSE_BELOW = 0.5  # a worst class under half its before value (or under 10 %) is called collapsed
+COLLAPSE_FLOOR = 0.10
+
+
+def repair(model: nn.Module, data=None, method: str = "pca-egem", *, clean=None, val=None, feedback=None,
+           seed: int = 0, progress: bool = True, **options) -> RepairResult:
+    """Repair a copy of `model` with `method` (see `list_methods()`); `model` itself is never modified.
+
+    `data` is the training data (masks travel in it) and, for post-hoc methods, the approved clean pool unless
+    `clean` is given; `val` chooses between swept values; `feedback` is a verdicts file. `options` are the method's
+    hyper-parameters (fine-tunes also take TrainConfig fields and `lambdas`); `batch_size` is also the batch of the
+    statistics passes. A missing input is one `MissingInput` error naming it."""
+    entry = get_method(method)
+    batch_size = options.get("batch_size", 256)
+    if entry.kind != "finetune":
+        options.pop("batch_size", None)
+    if clean is None and "clean" in entry.needs:
+        clean = data
+    inputs = RepairInputs(model, data, clean, val, Path(feedback) if feedback is not None else None, seed, progress,
+                          batch_size)
+    inputs.check(entry)
+    if entry.kind != "finetune":
+        check_options(entry, options)
+        options = {**entry.hyperparameters, **options}
+    was_training = model.training
+    try:
+        result = entry.runner()(inputs, **options)
+    finally:
+        model.train(was_training)
+    if not isinstance(result, RepairResult):
+        raise TypeError(f"method '{method}' returned {type(result).__name__}, not a RepairResult")
+    result.warnings.extend(no_op_warnings(model, result))
+    return result
+
+
+def no_op_warnings(before: nn.Module, result: RepairResult) -> list[str]:
+    """A repair that left every weight as it was, or whose selection stopped at the end of its grid."""
+    warnings = []
+    after = result.model
+    same = len(before.state_dict()) == len(after.state_dict()) and all(
+        torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    if same and not getattr(after, "patches", None):
+        warnings.append(f"{result.method} changed nothing: the repaired weights equal the original's")
+    if result.selection is not None and result.selection.at_edge():
+        warnings.append(f"{result.method}: the selected {result.selection.parameter} "
+                        f"{result.selection.value!r} is at the edge of its grid; widen the grid")
+    return [w for w in warnings if w not in result.warnings]
+
+
+@dataclass
+class RepairJob:
+    """One repair command as files: what to read, what to run, where to write."""
+
+    command: str
+    method: str
+    output: Path
+    model_path: Path | None = None  # None: `model_and_card` is given (train from random initialisation)
+    model_and_card: tuple | None = None
+    options: dict = field(default_factory=dict)
+    data: str | None = None
+    masks: Path | None = None
+    clean: str | None = None
+    approve_mask: Path | None = None
+    val: str | None = None
+    feedback: Path | None = None
+    report: Path | None = None
+    eval_data: str | None = None
+    artifact: str | None = None
+    data_root: Path | None = None
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 256
+    trust: bool = False
+    overrides: dict = field(default_factory=dict)  # arch, num_classes, in_channels, input_size, mean, std
+    overwrite: bool = False
+    progress: bool = True
+    config: dict = field(default_factory=dict)  # the resolved command configuration, for the card and `rerun`
+
+    def input_paths(self) -> list:
+        return [self.model_path, self.data, self.masks, self.clean, self.approve_mask, self.val, self.feedback,
+                self.eval_data]
+
+
+def _evaluation_data(job: RepairJob, card):
+    """The data of the before/after evaluation: --eval-data, else the test split of the card's scenario, else None
+    (and the report says why)."""
+    spec = job.eval_data or (resolve.default_test_split(card) if (card.dataset or {}).get("scenario") else None)
+    if spec is None:
+        return None, None
+    return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card)
+
+
+def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[str]]:
+    """(one plain line, warnings) from the before/after evaluation: clean and poisoned accuracy before → after, the
+    gap, the worst class; a worst class that collapsed is a warning."""
+    evaluation = assessment.get("evaluation") or {}
+    if "after" not in evaluation:
+        return None, []
+
+    def levels(phase):
+        rows = evaluation[phase]["levels"]
+        return rows[0], (rows[1] if len(rows) > 1 else None)
+
+    def worst(row):
+        values = {k: v for k, v in (row.get("per_class") or {}).items() if v is not None}
+        return min(values.items(), key=lambda kv: kv[1]) if values else (None, None)
+
+    clean_after, poisoned_after = levels("after")
+    parts, warnings = [], []
+    if "before" in evaluation:
+        clean_before, poisoned_before = levels("before")
+        parts.append(f"clean {100 * clean_before['accuracy']:.1f} → {100 * clean_after['accuracy']:.1f} %")
+        if poisoned_after is not None:
+            gap_before = clean_before["accuracy"] - poisoned_before["accuracy"]
+            gap_after = clean_after["accuracy"] - poisoned_after["accuracy"]
+            parts.append(f"poisoned {100 * poisoned_before['accuracy']:.1f} → {100 * poisoned_after['accuracy']:.1f} %")
+            parts.append(f"gap {100 * gap_before:.1f} → {100 * gap_after:.1f} points")
+        name_before, worst_before = worst(clean_before)
+        name_after, worst_after = worst(clean_after)
+        if worst_after is not None:
+            parts.append(f"worst class '{name_after}' {100 * worst_after:.1f} %")
+            if worst_after < COLLAPSE_FLOOR or (worst_before and worst_after < COLLAPSE_BELOW * worst_before):
+                warnings.append(f"class '{name_after}' collapsed: clean accuracy {100 * worst_after:.1f} % after the "
+                                f"repair (worst class before: '{name_before}' {100 * (worst_before or 0):.1f} %)")
+    else:
+        parts.append(f"clean {100 * clean_after['accuracy']:.1f} %")
+        if poisoned_after is not None:
+            parts.append(f"poisoned {100 * poisoned_after['accuracy']:.1f} %")
+    return f"{result.method}: " + ", ".join(parts) + f" (on {evaluation.get('data')})", warnings
+
+
+def _inputs(job: RepairJob, entry, card):
+    data = clean = val = None
+    if "data" in entry.needs or job.data is not None and entry.kind == "finetune":
+        data = resolve.load_dataset(job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card)
+    if "clean" in entry.needs:
+        if job.clean is None:
+            raise ModelfixError("give exactly one of --clean-dir DIR and --scenario NAME",
+                                hint="e.g. --clean-dir data/clean or --scenario egem-mnist")
+        clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card)
+    if job.val:
+        val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card)
+    return data, clean, val
+
+
+def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
+    """Run `job` end to end (module docstring); returns the result and the document written to the report."""
+    from modelfix.assessment import assess
+    from modelfix.checkpoint import sha256_file, write_checkpoint
+    from modelfix.data import parse_artifact
+    from modelfix.report import json_safe, write_repair_report
+
+    entry = get_method(job.method)
+    plan = outputs.OutputPlan(model=Path(job.output), folder=job.report, inputs=job.input_paths(),
+                              overwrite=job.overwrite).check()
+    if job.artifact is not None:
+        parse_artifact(job.artifact)  # a typo costs nothing
+    if job.batch_size < 1:
+        raise ModelfixError(f"--batch-size must be at least 1, not {job.batch_size}")
+    if job.model_and_card is not None:
+        model, card = job.model_and_card
+    else:
+        model, card = resolve.load_checkpoint(job.model_path, job.trust, job.device, **job.overrides)
+    if job.artifact is not None:
+        artifact = parse_artifact(job.artifact)
+        if getattr(artifact, "target", None) is not None and not 0 <= artifact.target < card.num_classes:
+            raise ModelfixError(f"--artifact target {artifact.target} is not a class of the model "
+                                f"(0..{card.num_classes - 1})")
+    eval_spec, eval_data = _evaluation_data(job, card) if (job.report is not None or job.eval_data) else (None, None)
+    data, clean, val = _inputs(job, entry, card)
+    start = time.perf_counter()
+    before = None if job.model_path is None else model
+    # a fine-tune's TrainConfig batch size wins; its seed is the job's (RepairInputs.seed)
+    options = {"batch_size": job.batch_size, **{k: v for k, v in job.options.items() if k != "seed"}}
+    result = repair(model, data, job.method, clean=clean, val=val, feedback=job.feedback, seed=job.seed,
+                    progress=job.progress, **options)
+    result.timings.setdefault("total_s", time.perf_counter() - start)
+
+    document = result_document(job, entry, result, data if clean is None else clean, val)
+    history = {k: document[k] for k in ("command", "method", "config", "data", "val", "hyperparameters", "sweep",
+                                        "trace", "fold") if k in document}
+    new_card = card.with_history(json_safe(history))
+    if job.model_path is not None:
+        new_card = dataclasses.replace(new_card, provenance={"parent": str(job.model_path),
+                                                             "parent_sha256": sha256_file(job.model_path),
+                                                             "parent_card": card.fingerprint()})
+    assessment = {}
+    if eval_data is not None:
+        artifact = job.artifact or card.artifact or eval_data.info.get("artifact")
+        assessment = assess(result.model, eval_data, artifact, before=before, seed=job.seed)
+        assessment["evaluation"]["spec"] = eval_spec
+    elif job.report is not None:
+        assessment = {"evaluation_note": "no --eval-data and the model card names no scenario, so the report has no "
+                                         "before/after metrics"}
+    line, collapse = verdict(assessment, result)
+    result.warnings.extend(collapse)
+    document.update(assessment, verdict=line, warnings=list(result.warnings))
+    result.model.cpu()
+
+    def write_model(tmp: Path, tmp_side: Path) -> None:
+        write_checkpoint(result.model, new_card, tmp, tmp_side)
+
+    def write_report(folder: Path) -> None:
+        write_repair_report(folder, json_safe(document), _renderers()[result.kind])
+
+    outputs.commit(plan, write_model, write_report if job.report is not None else None)
+    return result, json_safe(document)
+
+
+SYMBOLS = {"alpha": "α", "lambda": "λ", "beta": "β"}
+
+
+def _selection_rows(result: RepairResult) -> dict | None:
+    chosen = result.selection
+    if chosen is None or any(score is None for score in chosen.scores):
+        return None
+    return {"parameter": SYMBOLS.get(chosen.parameter, chosen.parameter), "score_name": chosen.score_name,
+            "rows": chosen.rows()}
+
+
+def result_document(job: RepairJob, entry, result: RepairResult, data, val) -> dict:
+    """The JSON document of a repair (stdout with --json, results.json, the card's history entry): the method's
+    record under `trace` (+ `fold`) for post-hoc and pruning methods, `sweep` + `hyperparameters` for fine-tunes."""
+    info = resolve.data_info(job.clean or job.data or "", data) if data is not None else None
+    document = {"schema": "modelfix.repair/v1", "command": job.command, "method": result.method, "paper": entry.paper,
+                "model": str(job.model_path) if job.model_path else "random initialisation",
+                "output": str(job.output), "config": job.config or result.settings, "data": info,
+                "selection": _selection_rows(result), "timings": result.timings}
+    if result.kind == "finetune":
+        settings = dict(result.settings)
+        document.update(schema="modelfix.finetune/v1", config=settings.pop("config"), sweep=result.details["sweep"],
+                        hyperparameters={k: v for k, v in settings.items() if k not in ("lambdas", "select_by")},
+                        val=resolve.data_info(job.val, val) if val is not None else None)
+        if info is not None:
+            info.update(masks=str(job.masks) if job.masks else None, with_mask=int(data.has_mask.sum()),
+                        feedback=str(job.feedback) if job.feedback else None)
+    else:
+        trace = {**result.details, "warnings": list(result.warnings), "timing": result.timings}
+        document.update(trace=trace, fold=trace.pop("fold", None))
+    return document
+
+
+def _renderers() -> dict:
+    from modelfix.report import render_crayon_markdown, render_finetune_markdown, render_repair_markdown
+
+    return {"posthoc": render_repair_markdown, "pruning": render_crayon_markdown, "finetune": render_finetune_markdown}

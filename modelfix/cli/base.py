@@ -1,0 +1,127 @@
+"""The Typer apps, the root options, and the one error contract every command shares (`handles_errors`).
+
+User text is never read as Rich markup: `say`/`warn` print plain text, and the error printer escapes the message, so
+a class named `[link=file:///etc/passwd]x[/link]` or a file `scans [old]/a.png` prints as written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import traceback
+from typing import Annotated, Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__, progress
+from ..errors import ModelfixError
+
+app = typer.Typer(
+    name="modelfix",
+    help="Repair image classifiers that learned a spurious shortcut, and prove what changed.",
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+)
+data_app = typer.Typer(help="Built-in scenarios and data export.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (measured numbers go to docs/benchmarks.md).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+state = {"debug": False}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so staged outputs are removed as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def say(text: str) -> None:
+    """A result line on stdout, printed as written (no markup, no highlighting)."""
+    out.print(text, markup=False, highlight=False)
+
+
+def warn(text: str) -> None:
+    """A warning line on stderr that cannot be missed."""
+    err.print("[bold yellow]warning:[/bold yellow] " + escape(text), highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"modelfix {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """modelfix: repair image classifiers that learned a spurious shortcut, and prove what changed."""
+    state["debug"] = debug
+    progress.ENABLED = not no_progress
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn a user-caused error into one line on stderr and its exit code (2, or 1 for a failed run); Ctrl-C into
+    130 and SIGTERM into 143; anything else into exit 1. `--debug` adds the traceback, never changes the code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        json_output = kwargs.get("json_output", False)
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except ModelfixError as exc:
+            fail(str(exc), exc.exit_code, json_output)
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130)
+        except Terminated:
+            err.print("terminated", markup=False)
+            raise typer.Exit(143)
+        except RecursionError:
+            fail("input nested too deeply to read (a JSON or YAML file?)", 2, json_output)
+        except Exception as exc:  # a bug, or something we did not foresee: still one line unless --debug
+            fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, json_output)
+
+    return wrapper
+
+
+def fail(message: str, code: int, json_output: bool) -> None:
+    if state["debug"]:
+        traceback.print_exc()
+    if json_output:
+        print(json.dumps({"error": {"message": message, "exit_code": code}}))
+    err.print("[red]error:[/red] " + escape(message), highlight=False)
+    raise typer.Exit(code)
+
+
+def render_outcome(document: dict, strict: bool = False) -> None:
+    """After every repair: the verdict line (or why there is none) and each warning on stderr; with `strict`, a
+    warning makes the exit code 1 (the outputs are written, so they can be inspected)."""
+    if document.get("verdict"):
+        err.print("verdict: " + document["verdict"], markup=False, highlight=False)
+    else:
+        err.print("no evaluation data: pass --eval-data (and --artifact) to see clean and poisoned accuracy before and "
+                  "after", markup=False, highlight=False)
+    for warning in document.get("warnings") or []:
+        warn(warning)
+    if strict and document.get("warnings"):
+        err.print(f"--strict: {len(document['warnings'])} warning(s)", markup=False)
+        raise typer.Exit(1)

@@ -14,7 +14,7 @@ from cli_helpers import assert_one_line_error, run
 from PIL import Image
 from torch import nn
 
-import modelfix.cli_explain  # noqa: F401  (registers `explain` until cli.py imports it)
+import modelfix.cli  # noqa: F401  (registers every command)
 from modelfix.card import InputSpec, ModelCard
 from modelfix.errors import ModelfixError
 from modelfix.explain.attribution import (COMPOSITES, METHODS, attribute, attribution_details, composite_name,

@@ -17,7 +17,7 @@ from modelfix.report import render_markdown
 from modelfix.report_html import NO_CHART, markdown_to_html, render_html, render_comparison_html, write_html
 
 from cli_helpers import assert_one_line_error, run
-import modelfix.cli_report  # noqa: F401,E402  (registers `report` until cli.py imports it)
+import modelfix.cli  # noqa: F401,E402  (registers every command)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -344,7 +344,7 @@ def test_report_command_errors(tmp_path):
 
 
 def test_summaries_of_other_shapes(tmp_path):
-    from modelfix.cli_report import run_names, summarise
+    from modelfix.cli.report import run_names, summarise
 
     results = repair_results()
     results["reliance"] = {phase: {"method": "lrp", "items": 200, "levels": rows}

@@ -306,7 +306,7 @@ def _json_safe(value):
     return str(value)
 
 
-def _safe_class_dir(name: str) -> str:
+def safe_class_dir(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise DataError(f"class name '{name}' cannot be a folder name", hint="rename the class")
     return name
@@ -348,7 +348,7 @@ def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:
         if len(dataset) and (float(dataset.x.min()) < 0 or float(dataset.x.max()) > 1):
             raise DataError(f"dataset '{dataset.name}' has values outside [0, 1]; png would clip them",
                             hint="use fmt='npy'")
-    dirs = [_safe_class_dir(n) for n in dataset.class_names]
+    dirs = [safe_class_dir(n) for n in dataset.class_names]
     with staged_folder(out_dir) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()

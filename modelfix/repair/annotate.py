@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..data import Dataset, save_bundle
-from ..data.sources import _safe_class_dir, staged_folder
+from ..data.sources import safe_class_dir, staged_folder
 from ..errors import DataError, ModelfixError
 
 BUNDLE_SUFFIXES = (".npz", ".safetensors")
@@ -166,7 +166,7 @@ def write_masks(data: Dataset, out) -> Path:
         rel = Path(rel)
         if len(rel.parts) != 2:
             raise DataError(f"image path '{rel}' is not <class>/<file>; cannot mirror it as a mask folder")
-        targets.append(Path(_safe_class_dir(rel.parts[0])) / f"{rel.stem}.png")
+        targets.append(Path(safe_class_dir(rel.parts[0])) / f"{rel.stem}.png")
     if len(set(targets)) != len(targets):
         raise DataError("two images share a class folder and a stem, so their masks would collide",
                         hint="write a bundle instead: -o masks.npz")

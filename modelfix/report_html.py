@@ -488,7 +488,7 @@ def _verdict(results: dict) -> dict | None:
     named = [worst[p] for p in phases if isinstance(worst.get(p), dict) and worst[p].get("name") is not None]
     if named:
         cards.append({"what": "worst class" + where, "change": None, "value": " → ".join(
-            f"{w['name']} {pct(w.get('accuracy'))} %" for w in named)})
+            f"{w['name']}: {pct(w.get('accuracy'))} %" for w in named)})
     cards = [c for c in cards if c is not None]
     summary = v.get("summary") if isinstance(v.get("summary"), str) else None
     return {"cards": cards, "summary": summary} if cards or summary else None

@@ -257,8 +257,8 @@ def render_comparison_markdown(doc: dict) -> str:
                      f"{escape_md(row['method'] or '–')} | {pct(row['clean_accuracy'])} | "
                      f"{pct(row.get('clean_worst_group_accuracy'))}{group} |")
     for j, cond in enumerate(conds):
-        title = condition_text(cond["level"], cond["labels"]) + (" (headline)" if j == 0 else "")
-        lines += ["", f"## {escape_md(title)}", "",
+        title = escape_md(condition_text(cond["level"], cond["labels"])) + (" (headline)" if j == 0 else "")
+        lines += ["", f"## {title}", "",
                   "| run | poisoned % | gap (points) | worst-group % (group) | relevance mass % |",
                   "|---|---:|---:|---:|---:|"]
         for row in runs:

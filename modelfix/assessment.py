@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .data import Dataset, parse_artifact, poison
 from .evaluate import evaluate
@@ -21,30 +22,81 @@ RELIANCE_ITEMS = 128
 EXPLAIN_METHOD = "gradient"
 
 
-def _heatmaps(models: dict[str, nn.Module], data: Dataset, method: str) -> dict:
-    """The same items explained by every model (target: the true label), as base64 PNGs, each map scaled by its own
-    largest |value| (the colours compare where a model looks, not how strongly)."""
+def balanced_indices(labels: Tensor, n: int) -> list[int]:
+    """`n` item indices spread over the classes: the first item of each class in class order, then the second of
+    each, and so on (classes that run out are skipped), so a report's heatmaps show every class before any twice.
+    Returned in that round-robin order."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels.tolist()):
+        by_class.setdefault(int(y), []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    chosen, depth = [], 0
+    while len(chosen) < n and any(depth < len(q) for q in queues):
+        chosen += [q[depth] for q in queues if depth < len(q)][: n - len(chosen)]
+        depth += 1
+    return chosen
+
+
+def _class_name(data: Dataset, y: int) -> str:
+    return data.class_names[y] if data.class_names and 0 <= y < len(data.class_names) else str(y)
+
+
+def heatmaps_of(models: dict[str, nn.Module], data: Dataset, method: str) -> dict:
+    """The same items explained by every model (target: each item's label `data.y`), as base64 PNGs, each map
+    scaled by its own largest |value| (the colours compare where a model looks, not how strongly; the scale goes
+    into `scales`). Items with a mask have the artifact outlined on the input tile. Each item names the class
+    explained (`explained`); `label` starts as the same name and callers that explain another class than the
+    true one overwrite it with the true class."""
     from .explain.attribution import attribute, default_composite, relevance_maps
     from .explain.heatmap import colorize, image_png_bytes, png_bytes
 
     def b64(raw: bytes) -> str:
         return base64.b64encode(raw).decode("ascii")
 
-    items = [{"index": int(i), "label": data.class_names[int(data.y[i])] if data.class_names else str(int(data.y[i])),
-              "input": b64(image_png_bytes(data.x[i]))} for i in range(len(data))]
+    items = []
+    for i in range(len(data)):
+        name = _class_name(data, int(data.y[i]))
+        mask = data.mask[i] if bool(data.has_mask[i]) else None
+        items.append({"index": int(i), "label": name, "explained": name, "scales": {},
+                      "input": b64(image_png_bytes(data.x[i], mask=mask))})
     for name, model in models.items():
         composite = default_composite(model)
         maps = relevance_maps(attribute(model, data.x, data.y, method=method, composite=composite))
-        for item, rgb in zip(items, colorize(maps)):
+        scales = maps.detach().abs().flatten(1).amax(1).tolist()
+        for item, rgb, scale in zip(items, colorize(maps), scales):
             item[name] = b64(png_bytes(rgb))
-    return {"method": method, "target": "true label", "items": items}
+            item["scales"][name] = float(scale)
+    return {"method": method, "target": "true label", "cmap": "bwr", "items": items}
+
+
+_heatmaps = heatmaps_of  # the demo still imports the old private name; remove once it calls heatmaps_of
+
+
+def _heatmap_items(data: Dataset, artifact, labels: str, seed: int, n: int) -> tuple[Dataset, list[int], list[str]]:
+    """Up to `n` class-balanced items (`balanced_indices`), each shown clean and, with an artifact, poisoned (the
+    same image with the artifact pasted, `labels` mode), interleaved clean, poisoned, clean, …: `(items, their
+    positions in data, "clean"/"poisoned" per item)`."""
+    idx = balanced_indices(data.y, n)
+    clean = data.subset(torch.tensor(idx, dtype=torch.long))
+    if artifact is None:
+        return clean, idx, ["clean"] * len(idx)
+    poisoned = poison(clean, artifact, 1.0, labels, seed=seed)
+    twice = clean.subset(torch.arange(len(idx)).repeat_interleave(2))  # labels, groups, names of each item twice
+
+    def interleave(a: Tensor, b: Tensor) -> Tensor:
+        return torch.stack([a, b], dim=1).flatten(0, 1)
+
+    both = twice.with_(x=interleave(clean.x, poisoned.x), mask=interleave(clean.mask, poisoned.mask),
+                               has_mask=interleave(clean.has_mask, poisoned.has_mask))
+    return both, [i for i in idx for _ in (0, 1)], ["clean", "poisoned"] * len(idx)
 
 
 def assess(after: nn.Module, data: Dataset, artifact=None, before: nn.Module | None = None, labels: str = "random",
            seed: int = 0, method: str = EXPLAIN_METHOD, heatmap_items: int = HEATMAP_ITEMS,
            reliance_items: int = RELIANCE_ITEMS, batch_size: int = 512) -> dict:
     """Before/after evidence on `data` (module docstring). With an artifact: poison levels 0 and 1 (`labels` mode,
-    `seed`) and heatmaps of items with the artifact pasted; without one: level 0 only and clean heatmaps.
+    `seed`) and heatmaps of `heatmap_items` class-balanced items, each clean and with the artifact pasted; without
+    one: level 0 only and clean heatmaps.
     `before` None (a model trained from scratch) gives the `after` column alone."""
     from .explain.attribution import attribute, default_composite, relevance_maps
     from .explain.reliance import reliance_by_level
@@ -69,10 +121,11 @@ def assess(after: nn.Module, data: Dataset, artifact=None, before: nn.Module | N
 
             reliance[name] = reliance_by_level(model, subset, artifact, levels, (labels,), explainer, seed=seed)
         result["reliance"] = reliance
-    shown = data.subset(slice(0, min(heatmap_items, len(data))))
-    if artifact is not None:
-        shown = poison(shown, artifact, 1.0, labels, seed=seed)
-    result["heatmaps"] = _heatmaps(models, shown, method)
+    shown, positions, copies = _heatmap_items(data, artifact, labels, seed, heatmap_items)
+    heatmaps = heatmaps_of(models, shown, method)
+    for item, position, copy in zip(heatmaps["items"], positions, copies):
+        item["index"], item["copy"] = position, copy
+    result["heatmaps"] = heatmaps
     return result
 
 

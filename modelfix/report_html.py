@@ -1,71 +1,53 @@
 """`report.html`: one self-contained page per run folder (inline CSS, images as data: URLs, no script, no outside
 address), so a report can be mailed or archived as a single file and opened anywhere.
 
-The page is built from `results.json` (schema `modelfix.results/v1`; every key but `command` optional):
+The page is rendered by jinja2 templates (`modelfix/templates/*.j2`, autoescaping on: every text from a results
+document or a markdown file is HTML-escaped) from `results.json` (schema `modelfix.results/v1`; every key but
+`command` optional). In page order:
 
-- `evaluation.{before,after,…}.levels` (repairs) or `levels` (evaluate): the metrics table and a bar chart of
-  clean (poison 0) against poisoned accuracy, one series per phase;
+- `warnings` (a list of strings; a repair's `trace.warnings` too): a red box at the top;
+- `verdict`: the headline before → after — clean and poisoned accuracy, the gap and the worst class. A document
+  may carry it (`summary.verdict`'s shape, optionally with a one-sentence `summary`); otherwise it is computed
+  from the metric rows with `summary.verdict`;
+- `evaluation.{before,after,…}.levels` (repairs) or `levels` (evaluate): the metrics table (the change is
+  after − before, signed) and a bar chart of clean (poison 0) against poisoned accuracy, one series per phase;
+- `heatmaps` `{method, cmap?, caption?, columns?, items: [{index, label, explained?, copy?, input, before, after,
+  scales?: {column: max |R|}}]}` with base64 PNGs: one card per sample that wraps on narrow screens and in
+  print, each with a colour bar (`explain.heatmap.colorbar`), the explained class and the map's scale;
+- `reliance`: rows per poison level (a list, or evaluate's `{method, items, target, levels: [...]}`), or
+  `{before: …, after: …}` of those, with the chance level (`mask_share`, the artifact's share of the area) beside
+  the relevance mass;
 - `selection` `{parameter, score_name, rows: [{value, score, chosen, passed?}], percent?}`: the trace as a plot
   and a table (`percent` defaults to true when the score is an accuracy);
-- `reliance`: rows per poison level (a list, or evaluate's `{method, items, target, levels: [...]}`), or
-  `{before: …, after: …}` of those;
-- `heatmaps` `{method, items: [{index, label, input, before, after}]}` with base64 PNGs: a grid, one row per sample;
 
 then the run's report.md converted to HTML, then the raw results.json in a collapsed block. Charts come from
 `modelfix.charts` (matplotlib, optional); without it a note stands where a chart would be and the numbers stay in
-the tables. Every text from the results or the markdown is HTML-escaped.
+the tables.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
 import html
 import json
-import math
 import re
+import string
 from pathlib import Path
 
-from . import __version__
-from .charts import accuracy_bars, comparison_bars, has_matplotlib, selection_plot
-from .report import _pct, json_safe, write_text_atomic
+import jinja2
+from markupsafe import Markup
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PNG_PREFIX = "data:image/png;base64,"
+from . import __version__
+from .atomic import json_safe, write_text_atomic
+from .charts import accuracy_bars, comparison_bars, has_matplotlib, selection_plot
+from .markup import PNG_MAGIC, number, pct, png_base64, png_data_url, signed_points
+from .summary import verdict as compute_verdict
+
+__all__ = ["NO_CHART", "PNG_MAGIC", "markdown_to_html", "png_base64", "render_html", "render_comparison_html",
+           "render_demo_html", "write_html"]
 
 NO_CHART = ('Chart not drawn: matplotlib is not installed (pip install "modelfix[report]" adds it); '
             "the numbers are in the table.")
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;
-background:#fff;line-height:1.45}
-main{max-width:1100px;margin:0 auto;padding:1.5rem}
-h1{font-size:1.6rem;margin:0 0 .5rem}
-h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-h3{font-size:1.1rem}
-table{border-collapse:collapse;margin:.75rem 0;font-size:.9rem}
-th,td{border:1px solid #d0d0d0;padding:.25rem .55rem;vertical-align:top}
-th{background:#f3f3f3}
-.num{text-align:right;font-variant-numeric:tabular-nums}
-.center{text-align:center}
-code{background:#f3f3f3;padding:0 .2rem;border-radius:3px;font-size:.88em}
-pre{background:#f7f7f7;padding:.75rem;overflow:auto;font-size:.8rem}
-img.chart{max-width:100%;height:auto;display:block;margin:.5rem 0}
-img.map{width:112px;height:auto;image-rendering:pixelated;display:block}
-.note{color:#6b4500;background:#fff7e0;padding:.4rem .6rem;border-left:3px solid #e0a800}
-.scroll{overflow-x:auto}
-.meta{color:#444}
-footer{margin-top:2rem;color:#777;font-size:.8rem}
-@media print{details{display:none}}
-""".strip()
-
-
-class Markup(str):
-    """HTML that is already safe (built here from escaped parts): table cells of this type are not escaped again."""
-
-
-def _esc(value) -> str:
-    return value if isinstance(value, Markup) else html.escape(str(value), quote=True)
 
 
 # ---- markdown ---------------------------------------------------------------------------------------------------
@@ -73,18 +55,45 @@ def _esc(value) -> str:
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _ITEM = re.compile(r"^-\s+(.*)$")
 _ALIGN_CELL = re.compile(r"^\s*(:?)-+(:?)\s*$")
-_CODE = re.compile(r"(`+)(.+?)\1")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
+_QUOTE = re.compile(r"^>\s?(.*)$")
+_PUNCTUATION = frozenset(string.punctuation)
+# A backslash-escaped character is held as a private-use code point while bold is matched, so `\*\*` never
+# becomes <strong>; it is put back (escaped) at the end.
+_HIDDEN = 0xE000
+
+
+def _plain(text: str) -> str:
+    """Escaped text with **bold**; hidden escaped characters come back as literal (HTML-escaped) text."""
+    out = _BOLD.sub(r"<strong>\1</strong>", html.escape(text))
+    return re.sub("[\ue000-\ue07f]", lambda m: html.escape(chr(ord(m.group()) - _HIDDEN)), out)
 
 
 def _inline(text: str) -> str:
-    """Escaped text with `code` spans and **bold**; code spans are taken first so their content stays literal."""
-    parts, pos = [], 0
-    for match in _CODE.finditer(text):
-        parts.append(_BOLD.sub(r"<strong>\1</strong>", html.escape(text[pos:match.start()])))
-        parts.append(f"<code>{html.escape(match.group(2).strip())}</code>")
-        pos = match.end()
-    parts.append(_BOLD.sub(r"<strong>\1</strong>", html.escape(text[pos:])))
+    """Escaped text with `code` spans, **bold** and backslash escapes (`\\<` is a literal `<`, as in CommonMark).
+
+    Read left to right: an escaped backtick opens no code span, and a code span's content stays literal
+    (backslashes included)."""
+    parts, plain, i = [], [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in _PUNCTUATION:
+            plain.append(chr(_HIDDEN + ord(text[i + 1])))
+            i += 2
+            continue
+        if char == "`":
+            fence = re.match(r"`+", text[i:]).group()
+            close = re.compile(r"(?<!`)" + fence + r"(?!`)").search(text, i + len(fence))
+            if close:
+                parts += [_plain("".join(plain)), f"<code>{html.escape(text[i + len(fence):close.start()].strip())}</code>"]
+                plain, i = [], close.end()
+                continue
+            plain.append(fence)
+            i += len(fence)
+            continue
+        plain.append(char)
+        i += 1
+    parts.append(_plain("".join(plain)))
     return "".join(parts)
 
 
@@ -114,7 +123,7 @@ def _alignments(line: str) -> list[str] | None:
 
 def _starts_block(lines: list[str], i: int) -> bool:
     line = lines[i]
-    return bool(_HEADING.match(line) or _ITEM.match(line)
+    return bool(_HEADING.match(line) or _ITEM.match(line) or _QUOTE.match(line)
                 or (line.lstrip().startswith("|") and i + 1 < len(lines) and _alignments(lines[i + 1])))
 
 
@@ -138,8 +147,9 @@ def markdown_to_html(text: str, heading_offset: int = 0) -> str:
     """HTML for the markdown subset of modelfix's reports, every text escaped.
 
     Blocks: ATX headings (`#` … `######`, moved down by `heading_offset` levels, at most h6), `- ` lists (an
-    indented line continues the item above), pipe tables with an alignment row (`---:` right, `:---:` centre),
-    paragraphs (consecutive lines joined); inline: `code` and **bold**. Anything else is shown as literal text, so
+    indented line continues the item above), `> ` quotes (the reports' warnings), pipe tables with an alignment
+    row (`---:` right, `:---:` centre), paragraphs (consecutive lines joined); inline: `code`, **bold** and
+    backslash escapes. Anything else is shown as literal text, so
     raw HTML in a report (a class name, a path) can never become markup.
     """
     lines = text.splitlines()
@@ -162,6 +172,12 @@ def markdown_to_html(text: str, heading_offset: int = 0) -> str:
                 rows.append(_cells(lines[i]))
                 i += 1
             out.append(_table_html(header, aligns, rows))
+        elif _QUOTE.match(line):
+            quoted = []
+            while i < len(lines) and _QUOTE.match(lines[i]):
+                quoted.append(_QUOTE.match(lines[i]).group(1).strip())
+                i += 1
+            out.append(f'<blockquote class="warning"><p>{_inline(" ".join(quoted))}</p></blockquote>')
         elif _ITEM.match(line):
             items = []
             while i < len(lines) and lines[i].strip():
@@ -187,78 +203,32 @@ def markdown_to_html(text: str, heading_offset: int = 0) -> str:
 # ---- pieces of the page -----------------------------------------------------------------------------------------
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _pct_text(value) -> str:
-    """report.py's percentage with 2 decimals; "–" for missing, NaN and non-numeric values."""
-    return _pct(_number(value))
-
-
-def _points(before, after) -> str:
-    a, b = _number(before), _number(after)
-    return "–" if a is None or b is None else f"{100 * (b - a):+.2f}"
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("modelfix", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env
 
 
 def _level_text(row: dict) -> str:
-    level = _number(row.get("level"))
+    level = number(row.get("level"))
     return "–" if level is None else f"{level:g}"
 
 
 def _category(row: dict) -> str:
     """A chart category: "clean" for poison 0, else "poison LEVEL LABELS"."""
-    level = _number(row.get("level"))
-    if level == 0:
+    if number(row.get("level")) == 0:
         return "clean"
     return f"poison {_level_text(row)}" + (f" {row['labels']}" if row.get("labels") else "")
 
 
-def png_base64(value) -> str | None:
-    """The base64 text of a PNG given as base64 (optionally a data: URL) or as bytes; None if it is not a PNG."""
-    if isinstance(value, (bytes, bytearray)):
-        raw = bytes(value)
-    elif isinstance(value, str):
-        text = value[len(_PNG_PREFIX):] if value.startswith(_PNG_PREFIX) else value
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            return None
-    else:
-        return None
-    return base64.b64encode(raw).decode("ascii") if raw.startswith(PNG_MAGIC) else None
+def _chart(png: bytes | None, alt: str) -> dict:
+    return {"src": png_data_url(png), "alt": alt}
 
 
-def _img(png: bytes | str | None, alt: str, cls: str) -> Markup | None:
-    data = png_base64(png)
-    if data is None:
-        return None
-    return Markup(f'<img class="{cls}" src="{_PNG_PREFIX}{data}" alt="{_esc(alt)}">')
-
-
-def _chart(png: bytes | None, alt: str) -> str:
-    return _img(png, alt, "chart") or f'<p class="note">{_esc(NO_CHART)}</p>'
-
-
-def _table(headers: list[str], rows: list[list], numeric: list[bool],
-           groups: list[tuple[str, int]] | None = None) -> str:
-    """An HTML table; cells are escaped unless they are `Markup`; numeric columns are right-aligned. `groups`
-    adds a header row above: `(label, number of columns spanned)`, e.g. `("accuracy %", 2)` over before/after."""
-    def cell(tag: str, value, j: int) -> str:
-        attr = ' class="num"' if numeric[j] else ""
-        return f"<{tag}{attr}>{_esc(value)}</{tag}>"
-
-    head = ["<tr>" + "".join(cell("th", h, j) for j, h in enumerate(headers)) + "</tr>"]
-    if groups:
-        spans = [(label, f' colspan="{span}"' if span > 1 else "") for label, span in groups]
-        head.insert(0, "<tr>" + "".join(f'<th{attr} class="center">{_esc(label)}</th>' for label, attr in spans)
-                    + "</tr>")
-    out = ['<div class="scroll"><table>', "<thead>" + "".join(head) + "</thead>", "<tbody>"]
-    out += ["<tr>" + "".join(cell("td", v, j) for j, v in enumerate(row)) + "</tr>" for row in rows]
-    out.append("</tbody></table></div>")
-    return "\n".join(out)
+def _table(headers: list[str], rows: list[list], numeric: list[bool], groups: list[tuple[str, int]] | None = None) -> dict:
+    """A table for the `table` macro; `groups` adds a header row above: `(label, columns spanned)`."""
+    return {"headers": headers, "rows": rows, "numeric": numeric, "groups": groups}
 
 
 def _phases(block, list_key: str | None) -> dict[str, list[dict]]:
@@ -287,7 +257,7 @@ def _worst(row: dict | None) -> str:
     if row is None:
         return "–"
     group = row.get("worst_group")
-    return _pct_text(row.get("worst_group_accuracy")) + ("" if group is None else f" ({group})")
+    return pct(row.get("worst_group_accuracy")) + ("" if group is None else f" ({group})")
 
 
 def _levels_of(results: dict) -> dict[str, list[dict]]:
@@ -301,19 +271,19 @@ def _levels_of(results: dict) -> dict[str, list[dict]]:
     return {}
 
 
-def _metrics_section(results: dict, charts: bool) -> list[str]:
+def _metrics_section(results: dict, charts: bool) -> dict | None:
     phases = _levels_of(results)
     if not any(phases.values()):
-        return []
+        return None
     names = list(phases)
     single = len(names) == 1
-    delta = len(names) == 2  # before → after: the change in points
+    delta = len(names) == 2  # before → after: the signed change in points
     headers = ["poison", "labels", "poisoned items"]
     groups = None
     if single:
         headers += ["accuracy %", "macro-group %", "worst-group % (group)"]
     else:
-        headers += names + (["change (points)"] if delta else []) + names + names
+        headers += names + ([f"change ({names[1]} − {names[0]}, points)"] if delta else []) + names + names
         groups = [("", 3), ("accuracy %", len(names) + delta), ("worst-group % (group)", len(names)),
                   ("macro-group %", len(names))]
     rows = []
@@ -321,25 +291,25 @@ def _metrics_section(results: dict, charts: bool) -> list[str]:
         n = next((r.get("n_poisoned") for r in by_phase.values() if r.get("n_poisoned") is not None), None)
         row = [_level_text(first), first.get("labels") or "–", "–" if n is None else str(n)]
         get = lambda p, key: (by_phase.get(p) or {}).get(key)  # noqa: E731
-        row += [_pct_text(get(p, "accuracy")) for p in names]
+        row += [pct(get(p, "accuracy")) for p in names]
         if delta:
-            row.append(_points(get(names[0], "accuracy"), get(names[1], "accuracy")))
+            row.append(signed_points(get(names[0], "accuracy"), get(names[1], "accuracy")))
         if single:
-            row.append(_pct_text(get(names[0], "macro_group_accuracy")))
+            row.append(pct(get(names[0], "macro_group_accuracy")))
         row += [_worst(by_phase.get(p)) for p in names]
         if not single:
-            row += [_pct_text(get(p, "macro_group_accuracy")) for p in names]
+            row += [pct(get(p, "macro_group_accuracy")) for p in names]
         rows.append(row)
-    series = {p: {_category(r): _number(r.get("accuracy")) for r in phase_rows} for p, phase_rows in phases.items()}
+    series = {p: {_category(r): number(r.get("accuracy")) for r in phase_rows} for p, phase_rows in phases.items()}
     title = "clean vs poisoned accuracy" + ("" if single else ": " + " vs ".join(names))
     png = accuracy_bars(series, title) if charts else None
-    return ["<section>", "<h2>Accuracy</h2>", _chart(png, title),
-            _table(headers, rows, [True, False] + [True] * (len(headers) - 2), groups), "</section>"]
+    return {"title": "Accuracy", "intro": None, "chart": _chart(png, title),
+            "tables": [_table(headers, rows, [True, False] + [True] * (len(headers) - 2), groups)]}
 
 
-def _selection_section(selection, charts: bool) -> list[str]:
+def _selection_section(selection, charts: bool) -> dict | None:
     if not isinstance(selection, dict) or not isinstance(selection.get("rows"), list):
-        return []
+        return None
     rows = [r for r in selection["rows"] if isinstance(r, dict)]
     parameter = str(selection.get("parameter", "value"))
     score_name = str(selection.get("score_name", "score"))
@@ -348,8 +318,8 @@ def _selection_section(selection, charts: bool) -> list[str]:
     headers = [parameter, f"{score_name} %" if percent else score_name] + (["within slack"] if has_passed else [])
     table_rows = []
     for r in rows:
-        value, score = _number(r.get("value")), _number(r.get("score"))
-        cells = ["–" if value is None else f"{value:g}", _pct_text(score) if percent else
+        value, score = number(r.get("value")), number(r.get("score"))
+        cells = ["–" if value is None else f"{value:g}", pct(score) if percent else
                  ("–" if score is None else f"{score:.4g}")]
         if r.get("chosen"):
             cells[0] += " (chosen)"
@@ -357,8 +327,9 @@ def _selection_section(selection, charts: bool) -> list[str]:
             cells.append({True: "yes", False: "no"}.get(r.get("passed"), "–"))
         table_rows.append(cells)
     png = selection_plot(rows, parameter, score_name, percent=percent) if charts else None
-    return ["<section>", f"<h2>Selection of {_esc(parameter)}</h2>", _chart(png, f"{score_name} against {parameter}"),
-            _table(headers, table_rows, [True] * len(headers)), "</section>"]
+    return {"title": f"Selection of {parameter}", "intro": None,
+            "chart": _chart(png, f"{score_name} against {parameter}"),
+            "tables": [_table(headers, table_rows, [True] * len(headers))]}
 
 
 RELIANCE_METRICS = (("relevance_mass", "relevance mass"), ("top_quartile_recall", "top-quartile recall"),
@@ -373,8 +344,10 @@ def _reliance_rows(block) -> list[dict] | None:
     return None
 
 
-def _reliance_section(reliance) -> list[str]:
-    """`reliance` is one block (a list of rows, or `{…, "levels": rows}`) or `{phase: block}` (before/after)."""
+def _reliance_section(reliance) -> dict | None:
+    """`reliance` is one block (a list of rows, or `{…, "levels": rows}`) or `{phase: block}` (before/after). The
+    chance level (`mask_share`: a map spread evenly puts that share on the artifact) stands beside the relevance
+    mass."""
     single = _reliance_rows(reliance)
     if single is not None:
         phases, blocks = {"": single}, [reliance]
@@ -382,10 +355,12 @@ def _reliance_section(reliance) -> list[str]:
         phases = {str(k): rows for k, v in reliance.items() if (rows := _reliance_rows(v)) is not None}
         blocks = [reliance[k] for k in phases]
     else:
-        return []
+        return None
     if not any(phases.values()):
-        return []
+        return None
     about = next((b for b in blocks if isinstance(b, dict) and b.get("method")), None)
+    if about is None and isinstance(reliance, dict) and reliance.get("method"):
+        about = reliance  # a repair's {method, items, target, before, after}
     how = "" if about is None else (
         f" Explanations: {about['method']}" + (f" ({about['composite']})" if about.get("composite") else "")
         + (f", first {about['items']} items" if about.get("items") is not None else "")
@@ -393,70 +368,149 @@ def _reliance_section(reliance) -> list[str]:
     all_rows = [r for rows in phases.values() for r in rows]
     metrics = [(key, name) for key, name in RELIANCE_METRICS if any(key in r for r in all_rows)]
     has_region = any(r.get("region") for r in all_rows)
+    has_chance = any(number(r.get("mask_share")) is not None for r in all_rows)
     single = len(phases) == 1
     lead = ["poison", "labels"] + (["region"] if has_region else []) + ["items"]
-    if single:
-        headers, groups = lead + [f"{name} %" for _, name in metrics], None
-    else:
-        headers = lead + [p for _ in metrics for p in phases]
-        groups = [("", len(lead))] + [(f"{name} %", len(phases)) for _, name in metrics]
+    headers, groups = list(lead), [("", len(lead))]
+    for key, name in metrics:
+        span = 1 if single else len(phases)
+        headers += [f"{name} %"] if single else list(phases)
+        if key == "relevance_mass" and has_chance:
+            headers.append("chance %")
+            span += 1
+        groups.append((f"{name} %" if not single else "", span))
     rows = []
     for first, by_phase in _joined(phases):
         counts = list(dict.fromkeys(str(r["n"]) for r in by_phase.values() if r.get("n") is not None))
         row = [_level_text(first), first.get("labels") or "–"] + ([first.get("region") or "–"] if has_region else [])
         row.append(" / ".join(counts) or "–")
-        row += [_pct_text(by_phase.get(p, {}).get(key)) for key, _ in metrics for p in phases]
+        for key, _ in metrics:
+            row += [pct(by_phase.get(p, {}).get(key)) for p in phases]
+            if key == "relevance_mass" and has_chance:
+                shares = [number(r.get("mask_share")) for r in by_phase.values()]
+                row.append(pct(next((s for s in shares if s is not None), None)))
         rows.append(row)
-    numeric = [True, False] + ([False] if has_region else []) + [True] * (1 + len(metrics) * len(phases))
-    return ["<section>", "<h2>Artifact reliance</h2>",
-            f"<p>Shares of each explanation on the artifact (higher means more reliance on the shortcut).{_esc(how)}</p>",
-            _table(headers, rows, numeric, groups), "</section>"]
+    numeric = [True, False] + ([False] if has_region else []) + [True] * (len(headers) - len(lead) + 1)
+    chance = (" Chance is the artifact's share of the image area: a map spread evenly over the image puts that "
+              "share of its relevance on the artifact." if has_chance else "")
+    return {"title": "Artifact reliance", "chart": None,
+            "intro": f"Shares of each explanation on the artifact (higher means more reliance on the shortcut).{how}"
+                     f"{chance}",
+            "tables": [_table(headers, rows, numeric, None if single else groups)]}
 
 
 HEATMAP_COLUMNS = ("input", "before", "after")
+HIDDEN_FACTS = ("index", "explained", "copy", "label")
 
 
-def _heatmap_section(heatmaps) -> list[str]:
+def _colorbar(cmap: str) -> dict | None:
+    """The colour bar under every heatmap card: the ramp from −max to +max (each map is divided by its own largest
+    |value|, given under the map)."""
+    from .explain.heatmap import CMAPS, colorbar_png  # numpy and PIL; only pages with heatmaps need them
+
+    if cmap not in CMAPS:
+        return None
+    return {"src": png_data_url(colorbar_png(cmap)), "low": "−max", "mid": "0", "high": "+max"}
+
+
+def _heatmap_section(heatmaps) -> dict | None:
     if not isinstance(heatmaps, dict) or not isinstance(heatmaps.get("items"), list):
-        return []
+        return None
     items = [item for item in heatmaps["items"] if isinstance(item, dict)]
     # a report names its own columns (the demo: one per model); a repair has input, before and after
-    known = tuple(heatmaps.get("columns") or HEATMAP_COLUMNS)
+    known = tuple(str(c) for c in heatmaps.get("columns") or HEATMAP_COLUMNS)
     columns = [c for c in known if any(c in item for item in items)]
     if not items or not columns:
-        return []
-    rows = []
+        return None
+    default_target = heatmaps.get("target")
+    samples = []
     for n, item in enumerate(items):
         index = item.get("index", n)
-        facts = [f"#{index}"] + [f"{k}: {v}" for k, v in item.items()
-                                 if k not in (*known, "index") and isinstance(v, (str, int, float, bool))]
-        caption = Markup("<br>".join(_esc(f) for f in facts))
-        rows.append([caption] + [_img(item.get(c), f"sample {index}: {c}", "map") or "–" for c in columns])
-    method = heatmaps.get("method")
-    what = heatmaps.get("caption") or ("The same samples explained before and after the repair, one row per sample."
-                                       if {"before", "after"} <= set(columns)
-                                       else "The explained samples, one row per sample.")
-    return ["<section>", "<h2>Heatmaps" + (f" ({_esc(method)})" if method else "") + "</h2>", f"<p>{what}</p>",
-            _table(["sample", *columns], rows, [False] * (1 + len(columns))), "</section>"]
+        facts = [f"#{index}" + (f" ({item['copy']})" if item.get("copy") else "")]
+        if item.get("label") is not None:
+            facts.append(f"true class: {item['label']}")
+        explained = item.get("explained", default_target)
+        if explained is not None:
+            facts.append(f"explained: {explained}")
+        facts += [f"{k}: {v}" for k, v in item.items()
+                  if k not in (*known, *HIDDEN_FACTS) and isinstance(v, (str, int, float, bool))]
+        scales = item.get("scales") if isinstance(item.get("scales"), dict) else {}
+        tiles = []
+        for c in columns:
+            scale = number(scales.get(c))
+            tiles.append({"name": c, "src": png_data_url(item.get(c)), "alt": f"sample {index}: {c}",
+                          "note": None if scale is None else f"max |R| {scale:.3g}"})
+        samples.append({"facts": facts, "tiles": tiles})
+    what = heatmaps.get("caption") or (
+        "The same samples explained before and after the repair; artifacts outlined in magenta on the input."
+        if {"before", "after"} <= set(columns) else "The explained samples, one card per sample.")
+    drawn = any(tile["src"] for sample in samples for tile in sample["tiles"])
+    return {"method": heatmaps.get("method"), "caption": what, "samples": samples,
+            "colorbar": _colorbar(str(heatmaps.get("cmap", "bwr"))) if drawn else None}
 
 
-def _meta(results: dict) -> str:
+def _warnings(results: dict) -> list[str]:
+    """Every warning of the document: `warnings`, then a repair's `trace.warnings`, each once."""
+    found = []
+    for block in (results, results.get("trace")):
+        values = block.get("warnings") if isinstance(block, dict) else None
+        if isinstance(values, str):
+            values = [values]
+        found += [str(w) for w in values or [] if w is not None]
+    return list(dict.fromkeys(found))
+
+
+def _verdict(results: dict) -> dict | None:
+    """The verdict cards: the document's `verdict` where the caller set one, else `summary.verdict`."""
+    given = results.get("verdict")
+    v = given if isinstance(given, dict) else compute_verdict(results)
+    if not isinstance(v, dict):
+        return None
+    phases = [p for p in v.get("phases") or ("before", "after") if isinstance(p, str)]
+    cond = v.get("condition") if isinstance(v.get("condition"), dict) else None
+    where = "" if cond is None else f" (poison {_level_text(cond)}" + (f" {cond['labels']}" if cond.get("labels") else "") + ")"
+
+    def values(key) -> list:
+        block = v.get(key) if isinstance(v.get(key), dict) else {}
+        return [block.get(p) for p in phases if p in block]
+
+    def card(what: str, key: str, points: bool = False) -> dict | None:
+        vals = values(key)
+        if not vals:
+            return None
+        text = [("–" if number(x) is None else f"{100 * number(x):.2f}" + ("" if points else " %")) for x in vals]
+        return {"what": what, "value": " → ".join(text),
+                "change": (signed_points(vals[0], vals[-1]) + " points") if len(vals) == 2 else None}
+
+    cards = [card("clean accuracy", "clean_accuracy"), card("poisoned accuracy" + where, "poisoned_accuracy"),
+             card("gap: clean − poisoned, points" + where, "gap", points=True)]
+    worst = v.get("worst_class") if isinstance(v.get("worst_class"), dict) else {}
+    named = [worst[p] for p in phases if isinstance(worst.get(p), dict) and worst[p].get("name") is not None]
+    if named:
+        cards.append({"what": "worst class" + where, "change": None, "value": " → ".join(
+            f"{w['name']}: {pct(w.get('accuracy'))} %" for w in named)})
+    cards = [c for c in cards if c is not None]
+    summary = v.get("summary") if isinstance(v.get("summary"), str) else None
+    return {"cards": cards, "summary": summary} if cards or summary else None
+
+
+def _meta(results: dict) -> list[tuple[str, str, str | None]]:
     items = []
     model = results.get("model")
     if isinstance(model, dict):
         extra = ", ".join(str(model[k]) + (" classes" if k == "num_classes" else "")
                           for k in ("arch", "num_classes") if model.get(k) is not None)
-        items.append(f"model <code>{_esc(model.get('path'))}</code>" + (f" ({_esc(extra)})" if extra else ""))
+        items.append(("model", str(model.get("path")), extra or None))
     elif model is not None:
-        items.append(f"model <code>{_esc(model)}</code>")
+        items.append(("model", str(model), None))
     if results.get("output") is not None:
-        items.append(f"output <code>{_esc(results['output'])}</code>")
+        items.append(("output", str(results["output"]), None))
     data = results.get("data")
     if isinstance(data, dict) and data.get("spec") is not None:
-        items.append(f"data <code>{_esc(data['spec'])}</code>" + (f" ({_esc(data['n'])} items)" if data.get("n") else ""))
+        items.append(("data", str(data["spec"]), f"{data['n']} items" if data.get("n") else None))
     if results.get("schema"):
-        items.append(f"schema <code>{_esc(results['schema'])}</code>")
-    return '<ul class="meta">\n' + "\n".join(f"<li>{item}</li>" for item in items) + "\n</ul>" if items else ""
+        items.append(("schema", str(results["schema"]), None))
+    return items
 
 
 def _elide_images(obj):
@@ -472,57 +526,53 @@ def _elide_images(obj):
     return obj
 
 
-def _raw(results: dict, name: str) -> str:
-    text = json.dumps(json_safe(_elide_images(results)), indent=2, ensure_ascii=False, default=str)
-    return f"<details>\n<summary>{_esc(name)}</summary>\n<pre>{_esc(text)}</pre>\n</details>"
-
-
-def _page(title: str, body: list[str]) -> str:
-    footer = (f"<footer>Written by modelfix {_esc(__version__)}. Self-contained: the images are embedded, no script, "
-              "no outside resource.</footer>")
-    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-                      '<meta name="viewport" content="width=device-width, initial-scale=1">',
-                      f"<title>{_esc(title)}</title>", f"<style>\n{_CSS}\n</style>", "</head>", "<body>", "<main>",
-                      *[part for part in body if part], footer, "</main>", "</body>", "</html>", ""])
+def _render(title: str, results: dict, markdown: str, raw_name: str, sections=(), late_sections=(),
+            heatmaps=None, verdict=None, warnings=(), meta=()) -> str:
+    raw = json.dumps(json_safe(_elide_images(results)), indent=2, ensure_ascii=False, default=str)
+    md = Markup(markdown_to_html(markdown, heading_offset=2)) if markdown and markdown.strip() else None
+    return _environment().get_template("run.html.j2").render(
+        title=title, version=__version__, no_chart=NO_CHART, meta=list(meta), warnings=list(warnings),
+        verdict=verdict, sections=[s for s in sections if s], heatmaps=heatmaps,
+        late_sections=[s for s in late_sections if s], markdown=md, raw_name=raw_name, raw=raw)
 
 
 # ---- pages ------------------------------------------------------------------------------------------------------
 
 
 def render_html(results: dict, markdown: str) -> str:
-    """The run's page: title, metrics and accuracy chart, selection trace, reliance, heatmap grid, report.md, raw
-    results.json. Sections whose keys are absent are left out; without matplotlib the charts become a note."""
+    """The run's page: title, warnings, verdict, metrics and accuracy chart, heatmap cards, reliance, selection
+    trace, report.md, raw results.json. Sections whose keys are absent are left out; without matplotlib the charts
+    become a note."""
     charts = has_matplotlib()
     method = results.get("method")
     title = f"modelfix {results.get('command', '?')}" + (f": {method}" if method else "")
-    body = [f"<h1>{_esc(title)}</h1>", _meta(results)]
-    body += _metrics_section(results, charts)
-    body += _selection_section(results.get("selection"), charts)
-    body += _reliance_section(results.get("reliance"))
-    body += _heatmap_section(results.get("heatmaps"))
-    if markdown and markdown.strip():
-        body += ["<section>", "<h2>report.md</h2>", markdown_to_html(markdown, heading_offset=2), "</section>"]
-    body.append(_raw(results, "results.json"))
-    return _page(title, body)
+    return _render(title, results, markdown, "results.json", meta=_meta(results), warnings=_warnings(results),
+                   verdict=_verdict(results), sections=[_metrics_section(results, charts)],
+                   heatmaps=_heatmap_section(results.get("heatmaps")),
+                   late_sections=[_reliance_section(results.get("reliance")),
+                                  _selection_section(results.get("selection"), charts)])
 
 
 def render_comparison_html(comparison: dict, markdown: str) -> str:
     """The merged report of `modelfix report`: one chart of every run's clean, poisoned and worst-group accuracy
-    (and relevance mass where measured), then the comparison markdown (its table) and the raw comparison.json."""
+    (and relevance mass where measured) under the headline condition, then the comparison markdown (one table per
+    condition) and the raw comparison.json."""
     runs = [r for r in comparison.get("runs", []) if isinstance(r, dict)]
     title = f"modelfix report: {len(runs)} run(s) compared"
     series = {}
-    with_mass = any(_number(r.get("relevance_mass")) is not None for r in runs)
+    with_mass = any(number(r.get("relevance_mass")) is not None for r in runs)
     for r in runs:
         series[str(r.get("run"))] = {"clean": r.get("clean_accuracy"), "poisoned": r.get("poisoned_accuracy"),
                                      "worst-group": r.get("worst_group_accuracy"),
                                      **({"relevance mass": r.get("relevance_mass")} if with_mass else {})}
     png = comparison_bars(series) if has_matplotlib() and runs else None
-    body = [f"<h1>{_esc(title)}</h1>", "<section>", _chart(png, title), "</section>"]
-    if markdown and markdown.strip():
-        body += ["<section>", "<h2>report.md</h2>", markdown_to_html(markdown, heading_offset=2), "</section>"]
-    body.append(_raw(comparison, "comparison.json"))
-    return _page(title, body)
+    conds = [c for c in comparison.get("conditions") or [] if isinstance(c, dict)]
+    intro = None if not conds else ("Poisoned numbers in the chart: poison " + _level_text(conds[0])
+                                    + (f" {conds[0]['labels']}" if conds[0].get("labels") else "")
+                                    + "; every condition has its own table below.")
+    section = {"title": "Clean vs poisoned accuracy per run", "intro": intro, "chart": _chart(png, title), "tables": []}
+    return _render(title, comparison, markdown, "comparison.json", sections=[section],
+                   warnings=_warnings(comparison))
 
 
 def render_demo_html(results: dict, markdown: str) -> str:
@@ -533,13 +583,10 @@ def render_demo_html(results: dict, markdown: str) -> str:
     series = {str(r.get("name")): {"clean": r.get("clean"), "poisoned": r.get("poisoned")} for r in rows}
     png = comparison_bars(series, "accuracy per model: clean test digits, and with the artifact on every one") \
         if has_matplotlib() and rows else None
-    body = [f"<h1>{_esc(title)}</h1>", "<section>", "<h2>Clean vs poisoned accuracy</h2>",
-            _chart(png, "clean and poisoned accuracy per model"), "</section>"]
-    body += _heatmap_section(results.get("heatmaps"))
-    if markdown and markdown.strip():
-        body += ["<section>", "<h2>report.md</h2>", markdown_to_html(markdown, heading_offset=2), "</section>"]
-    body.append(_raw(results, "results.json"))
-    return _page(title, body)
+    section = {"title": "Clean vs poisoned accuracy", "intro": None,
+               "chart": _chart(png, "clean and poisoned accuracy per model"), "tables": []}
+    return _render(title, results, markdown, "results.json", sections=[section], warnings=_warnings(results),
+                   heatmaps=_heatmap_section(results.get("heatmaps")))
 
 
 def write_html(out_dir: Path, results: dict, markdown: str) -> Path:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import Dataset
 from .errors import ModelfixError, TrainingFailed
-from .progress import progress_bar
+from .progress import log_epoch, progress_bar
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("ce", "bce")
@@ -205,6 +205,7 @@ def train(
                     best_state = copy.deepcopy(model.state_dict())
                     result.best_epoch = epoch
             result.history.append(record)
+            log_epoch(description, epoch, config.epochs, enabled=progress, **{k: v for k, v in record.items() if k != "epoch"})
             if on_epoch_end is not None:  # e.g. snapshots at an epoch grid (EGEM's Retrain baseline)
                 on_epoch_end(epoch, model)
     if best_state is not None:

@@ -246,14 +246,15 @@ def test_repair_page_is_self_contained_with_numbers_and_images(tmp_path):
     for number in ("98.12", "41.23", "97.34", "89.01", "+47.78", "-0.78", "5.32 (7)", "77.15 (2)", "65.43", "12.34",
                    "81.25", "25.00", "95.77", "64 (chosen)", "80.11"):
         assert number in shown, number
-    # 6 heatmaps (2 samples × input/before/after) + the accuracy chart + the selection plot, all PNGs
+    # 6 heatmaps (2 samples × input/before/after) + a colour bar per sample + the accuracy chart + the selection
+    # plot, all PNGs
     images = page.images
-    assert text.count("data:image/png;base64,") == len(images) == 8
+    assert text.count("data:image/png;base64,") == len(images) == 10
     assert all(image.startswith(PNG_MAGIC) for image in images)
     assert [image for image in images if image in HEATMAPS] == [HEATMAPS[i] for i in (0, 1, 2, 3, 4, 0)]
     assert NO_CHART not in text
     # text from results.json is escaped; the raw JSON is there without the image payloads
-    assert "<script>" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "<script>" not in text and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
     assert "details" in page.tags and "PNG image, " in shown and shown.count(b64(HEATMAPS[3])) == 0
     assert "<title>modelfix prune-egem: egem</title>" in text
 

@@ -1,4 +1,4 @@
-"""Heatmap images without matplotlib: colour ramps, PNG bytes, atomic PNG files.
+"""Heatmap images without matplotlib: colour ramps, colour bars, artifact outlines, PNG bytes, atomic PNG files.
 
 The two colour maps are zennit's (`zennit.image.CMAPS`), as piecewise-linear ramps over a value v ∈ [−1, 1]:
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
+from modelfix.atomic import write_bytes_atomic  # re-exported: cli_explain imports it from here
 from modelfix.errors import ModelfixError
 
 # name → (anchor values, RGB at each anchor)
@@ -94,24 +94,54 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return np.rint(image.numpy() * 255).astype(np.uint8)
 
 
-def image_png_bytes(x: Tensor, scale: int = 4) -> bytes:
-    """PNG of a C×H×W pixel-space image in [0, 1] (clamped): RGB for 3 channels, grayscale otherwise."""
-    return png_bytes(to_uint8(x), scale)
+# Magenta stands out on white, black, grey and on the digit and tag colours of the built-in scenarios.
+OUTLINE = (255, 0, 255)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def outline(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = OUTLINE) -> np.ndarray:
+    """A copy of uint8 H×W×3 `rgb` with the 1-pixel ring just outside `mask` (H×W, true = artifact) painted
+    `colour`, so an artifact shows even where it has the background's colour (a white tag on white). The ring is
+    the 4-neighbour dilation of the mask minus the mask: the artifact's own pixels stay as they are."""
+    inside = np.asarray(mask, dtype=bool)
+    if inside.shape != rgb.shape[:2]:
+        raise ValueError(f"mask {inside.shape} does not match the image {rgb.shape[:2]}")
+    grown = inside.copy()
+    grown[1:, :] |= inside[:-1, :]
+    grown[:-1, :] |= inside[1:, :]
+    grown[:, 1:] |= inside[:, :-1]
+    grown[:, :-1] |= inside[:, 1:]
+    out = rgb.copy()
+    out[grown & ~inside] = colour
+    return out
+
+
+def image_png_bytes(x: Tensor, scale: int = 4, mask: Tensor | None = None) -> bytes:
+    """PNG of a C×H×W pixel-space image in [0, 1] (clamped): RGB for 3 channels, grayscale otherwise. With a
+    `mask` (H×W or 1×H×W, > 0.5 = artifact) the artifact is outlined (`outline`) at display resolution: the image
+    is enlarged first, so the ring is one screen pixel wide and covers no image pixel."""
+    image = to_uint8(x)
+    if mask is None or not bool((mask > 0.5).any()):
+        return png_bytes(image, scale)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    inside = (mask.detach().float().cpu().reshape(image.shape[:2]) > 0.5).numpy()
+    big_mask = np.repeat(np.repeat(inside, scale, axis=0), scale, axis=1)
+    return png_bytes(outline(big, big_mask), 1)
+
+
+def colorbar(cmap: str = "bwr", width: int = 128, height: int = 8) -> np.ndarray:
+    """uint8 height×width×3 colour bar: the ramp from −1 (left) through 0 (the centre column's neutral colour)
+    to +1 (right), for the legend under heatmaps (labels are the page's text, so no font is needed here)."""
+    if width < 3 or height < 1:
+        raise ValueError(f"a colour bar needs width ≥ 3 and height ≥ 1, got {width}×{height}")
+    row = _ramp(np.linspace(-1.0, 1.0, width), cmap)
+    return np.ascontiguousarray(np.broadcast_to(row, (height, width, 3)))
+
+
+def colorbar_png(cmap: str = "bwr", width: int = 129, height: int = 8) -> bytes:
+    """`colorbar(cmap, width, height)` as PNG bytes (odd width: one column is exactly 0)."""
+    return png_bytes(colorbar(cmap, width, height), 1)
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray, scale: int = 4) -> Path:

@@ -41,6 +41,8 @@ DEFINITIONS = {
                            "check); items with an empty mask skipped",
     "top_quartile_precision": "share of the top 25 % pixels by |R| that lie on the artifact",
     "pointing_game": "share of items whose largest-|R| pixel lies on the artifact (Zhang et al. 2018)",
+    "mask_share": "mean share of the image area the artifact mask covers: the chance level of relevance mass, "
+                  "top-quartile precision and pointing game (a map spread evenly, or a random pixel)",
 }
 
 REGIONS = {
@@ -149,7 +151,8 @@ def _pixel_maps(maps: Tensor, x: Tensor) -> Tensor:
     return maps.cpu()
 
 
-def _summary(n: int, mass: float, recall_sum: float, recall_n: int, precision: float, pointing: float) -> dict:
+def _summary(n: int, mass: float, recall_sum: float, recall_n: int, precision: float, pointing: float,
+             area: float = math.nan) -> dict:
     """Means over the items used (recall over the items with a non-empty mask); NaN where nothing was measured."""
     return {
         "n": n,
@@ -157,6 +160,7 @@ def _summary(n: int, mass: float, recall_sum: float, recall_n: int, precision: f
         "top_quartile_recall": recall_sum / recall_n if recall_n else math.nan,
         "top_quartile_precision": precision / n if n else math.nan,
         "pointing_game": pointing / n if n else math.nan,
+        "mask_share": area / n if n else math.nan,
         "definitions": dict(DEFINITIONS),
     }
 
@@ -164,7 +168,7 @@ def _summary(n: int, mass: float, recall_sum: float, recall_n: int, precision: f
 def _measure(data: Dataset, explainer: Explainer, targets: str | int, predict_fn, batch_size: int,
              progress: bool, label: str) -> dict:
     """The reliance sums over every item of `data` (all of them are taken to carry a mask)."""
-    mass = recall_sum = precision = pointing = 0.0
+    mass = recall_sum = precision = pointing = area = 0.0
     recall_n = 0
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(label, total=len(data))
@@ -178,8 +182,9 @@ def _measure(data: Dataset, explainer: Explainer, targets: str | int, predict_fn
             recall_n += int(known.sum())
             precision += float(prec.sum())
             pointing += float(pointing_game(maps, batch["mask"]).sum())
+            area += float(_flatten(maps, batch["mask"])[1].double().mean(1).sum())
             bar.advance(task, len(x))
-    return _summary(len(data), mass, recall_sum, recall_n, precision, pointing)
+    return _summary(len(data), mass, recall_sum, recall_n, precision, pointing, area)
 
 
 def reliance(data: Dataset, explainer: Explainer, targets: str | int = "true",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ModelfixError
-from ..report import write_text_atomic
+from ..atomic import write_text_atomic
 
 ALIASES = {
     **{a: "yes" for a in ("yes", "y", "1", "true", "keep", "relevant")},

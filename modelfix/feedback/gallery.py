@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..data.sources import staged_folder
 from ..errors import DataError, ModelfixError, UnsupportedModel
 from ..progress import progress_bar
-from ..report import write_text_atomic
+from ..atomic import write_text_atomic
 from .files import sample_ids, write_neuron_template
 
 # Modules the default layer steps back over: they only reshape, pass through or pool the map to 1×1, so the

@@ -69,7 +69,6 @@ def heatmaps_of(models: dict[str, nn.Module], data: Dataset, method: str) -> dic
     return {"method": method, "target": "true label", "cmap": "bwr", "items": items}
 
 
-_heatmaps = heatmaps_of  # the demo still imports the old private name; remove once it calls heatmaps_of
 
 
 def _heatmap_items(data: Dataset, artifact, labels: str, seed: int, n: int) -> tuple[Dataset, list[int], list[str]]:

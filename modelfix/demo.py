@@ -356,13 +356,13 @@ def heatmaps(models: dict[str, nn.Module], setup: Setup) -> dict:
     HEATMAP_ITEMS that are not 8s, where the tag misleads) under every model, as base64 PNGs for the report's grid.
     Class 8 shows what pushes the model towards the tag's class: for the shortcut the tag, after a repair the
     digit's strokes (the true label's maps barely differ between models: the tag acts on the 8 logit)."""
-    from .assessment import _heatmaps
+    from .assessment import heatmaps_of
     from .data import poison
 
     idx = torch.nonzero(setup.test.y != setup.artifact.target).flatten()[:HEATMAP_ITEMS]
     shown = poison(setup.test.subset(idx), setup.artifact, 1.0, "random", seed=setup.seed)
     target = torch.full_like(shown.y, setup.artifact.target)
-    maps = _heatmaps(models, dataclasses.replace(shown, y=target), "gradxinput")
+    maps = heatmaps_of(models, dataclasses.replace(shown, y=target), "gradxinput")
     for item, label in zip(maps["items"], shown.y.tolist()):
         item["label"] = shown.class_names[label]
     return {**maps, "target": f"class {setup.artifact.target} (the tag's class)", "columns": ["input", *models],

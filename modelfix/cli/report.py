@@ -8,7 +8,6 @@ model), `levels` for an evaluate run. Registered on the main Typer app when `mod
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -19,140 +18,17 @@ from ..errors import ModelfixError
 from .base import app, handles_errors, out
 from .options import JsonOpt
 
-SCHEMA = "modelfix.comparison/v1"
-
-DEFINITIONS = {
-    "clean_accuracy": "accuracy at poison level 0",
-    "poisoned_accuracy": "accuracy at the highest poison level evaluated (its first label mode)",
-    "gap": "clean_accuracy minus poisoned_accuracy (the shortcut's cost; shown in percentage points)",
-    "worst_group_accuracy": "the lowest worst-group accuracy over all evaluated levels",
-    "relevance_mass": "share of absolute relevance on the artifact at the highest poison level (where measured; "
-                      "reliance.after for repairs)",
-    "source": "evaluation.after for repairs (the repaired model), levels for evaluate runs",
-}
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def read_results(path: Path) -> dict:
-    """`path` (a run folder, or its results.json) → the parsed results, or a one-line error naming the file."""
-    path = Path(path)
-    file = path if path.is_file() else path / "results.json"
-    if not file.is_file():
-        raise ModelfixError(f"{path}: no such folder" if not path.exists() else f"{file}: no such file",
-                            hint="pass run folders written by `modelfix evaluate -o DIR` or a repair command")
-    try:
-        results = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelfixError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ModelfixError(f"{file}: not a UTF-8 text file, so not a modelfix results.json") from None
-    except json.JSONDecodeError as exc:
-        raise ModelfixError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("command"), str):
-        raise ModelfixError(f"{file}: not a modelfix results.json (no \"command\" key)")
-    return results
-
-
-def _rows(block) -> list[dict]:
-    return [r for r in block if isinstance(r, dict)] if isinstance(block, list) else []
-
-
-def _reliance_rows(reliance) -> list[dict]:
-    """The reliance rows of the run's model: a list, evaluate's `{…, "levels": rows}`, or a repair's `after`."""
-    if isinstance(reliance, dict):
-        return _reliance_rows(reliance["levels"] if "levels" in reliance else reliance.get("after"))
-    return _rows(reliance)
-
-
-def _highest(rows: list[dict]) -> dict | None:
-    """The first row at the highest poison level (level > 0), or None."""
-    poisoned = [r for r in rows if (_number(r.get("level")) or 0.0) > 0]
-    if not poisoned:
-        return None
-    top = max(_number(r.get("level")) for r in poisoned)
-    return next(r for r in poisoned if _number(r.get("level")) == top)
-
-
-def summarise(run: str, path: Path, results: dict) -> dict:
-    """One comparison row: what ran, clean and poisoned accuracy, their gap, worst-group, relevance mass."""
-    evaluation = results.get("evaluation")
-    after = evaluation.get("after") if isinstance(evaluation, dict) else None
-    if isinstance(after, dict) and isinstance(after.get("levels"), list):
-        source, levels = "evaluation.after", _rows(after["levels"])
-    elif isinstance(results.get("levels"), list):
-        source, levels = "levels", _rows(results["levels"])
-    else:
-        source, levels = None, []
-    clean = next((r for r in levels if _number(r.get("level")) == 0), None)
-    poisoned = _highest(levels)
-    clean_acc = _number((clean or {}).get("accuracy"))
-    poisoned_acc = _number((poisoned or {}).get("accuracy"))
-    worst = [w for w in (_number(r.get("worst_group_accuracy")) for r in levels) if w is not None]
-    mass_row = _highest(_reliance_rows(results.get("reliance")))
-    model = results.get("model")
-    return {
-        "run": run,
-        "path": str(path),
-        "command": results.get("command"),
-        "method": results.get("method"),
-        "model": model.get("path") if isinstance(model, dict) else model,
-        "source": source,
-        "clean_accuracy": clean_acc,
-        "poisoned_level": None if poisoned is None else _number(poisoned.get("level")),
-        "poisoned_labels": None if poisoned is None else poisoned.get("labels"),
-        "poisoned_accuracy": poisoned_acc,
-        "gap": None if clean_acc is None or poisoned_acc is None else clean_acc - poisoned_acc,
-        "worst_group_accuracy": min(worst) if worst else None,
-        "relevance_mass": None if mass_row is None else _number(mass_row.get("relevance_mass")),
-    }
-
-
-def run_names(paths: list[Path]) -> list[str]:
-    """Each run's folder name; the path as given where two folders share a name."""
-    names = [(p.parent if p.is_file() else p).resolve().name or str(p) for p in paths]
-    return [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
-
-
-def comparison_document(paths: list[Path]) -> dict:
-    """comparison.json: one summary row per run folder, in the order given."""
-    runs = [summarise(name, path, read_results(path)) for name, path in zip(run_names(paths), paths)]
-    return {"schema": SCHEMA, "command": "report", "runs": runs, "definitions": dict(DEFINITIONS)}
-
-
 def _pct(value) -> str:
-    value = _number(value)
     return "–" if value is None else f"{100 * value:.2f}"
 
 
 def _cells(row: dict) -> list[str]:
-    at = "–" if row["poisoned_level"] is None else f"{row['poisoned_level']:g}" + (
-        f" {row['poisoned_labels']}" if row["poisoned_labels"] else "")
-    gap = "–" if row["gap"] is None else f"{100 * row['gap']:+.2f}"
-    return [row["run"], row["command"] or "–", row["method"] or "–", _pct(row["clean_accuracy"]), at,
-            _pct(row["poisoned_accuracy"]), gap, _pct(row["worst_group_accuracy"]), _pct(row["relevance_mass"])]
-
-
-HEADERS = ["run", "command", "method", "clean %", "poisoned at", "poisoned %", "gap (points)", "worst-group %",
-           "relevance mass %"]
-
-
-def render_comparison_markdown(doc: dict) -> str:
-    """report.md of the merged report: the comparison table, where each run came from, and the definitions."""
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|")
-
-    lines = [f"# modelfix report: {len(doc['runs'])} run(s) compared", "",
-             "| " + " | ".join(HEADERS) + " |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(cell(c) for c in _cells(row)) + " |" for row in doc["runs"]]
-    lines += [""] + [f"- {row['run']}: `{row['path']}`" + (f", model `{row['model']}`" if row["model"] else "")
-                     for row in doc["runs"]]
-    lines += ["", "Definitions: " + "; ".join(f"{k}: {v}" for k, v in doc["definitions"].items()) + ".", ""]
-    return "\n".join(lines)
+    at = "–" if row.get("poisoned_level") is None else f"{row['poisoned_level']:g}" + (
+        f" {row['poisoned_labels']}" if row.get("poisoned_labels") else "")
+    gap = "–" if row.get("gap") is None else f"{100 * row['gap']:+.2f}"
+    return [row["run"], row.get("command") or "–", row.get("method") or "–", _pct(row.get("clean_accuracy")), at,
+            _pct(row.get("poisoned_accuracy")), gap, _pct(row.get("worst_group_accuracy")),
+            _pct(row.get("relevance_mass"))]
 
 
 def _table(runs: list[dict]) -> Table:
@@ -192,6 +68,7 @@ def report(
     """Merge several runs (evaluate or repair folders) into one comparison table and chart."""
     from ..report import json_safe, write_text_atomic
     from ..report_html import render_comparison_html
+    from ..summary import compare_runs, load_runs, render_comparison_markdown
 
     for path in dirs:
         folder = path.parent if path.is_file() else path
@@ -200,7 +77,7 @@ def report(
                                 hint="choose a new folder, e.g. -o runs/comparison")
     if output.exists() and not output.is_dir():
         raise ModelfixError(f"-o {output}: exists and is not a folder")
-    doc = json_safe(comparison_document(list(dirs)))
+    doc = json_safe(compare_runs(load_runs(list(dirs))))
     markdown = render_comparison_markdown(doc)
     write_text_atomic(output / "comparison.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
     write_text_atomic(output / "report.md", markdown)

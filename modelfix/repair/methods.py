@@ -129,7 +129,9 @@ register(Method("crayon-attention", "finetune",
                 build=lambda model, loss="ce", **hp: CrayonAttention(model=model, loss=loss, **hp)))
 
 # R4 family and PGD-Ex (methods_guided_finetunes.md §2.5, §3.3): the papers' objectives, not the R4 repo's inert
-# variants. Optimiser settings: R4's DecoyMNIST table (§2.7; Adam, no weight decay) and Heo's (§7 item 14; AdamW).
+# variants. One source per method: the R4 methods (r4-*, smooth-rrr) take R4's DecoyMNIST table (§2.7; Adam, no
+# weight decay); Heo's methods (pgd-ex, ibp-ex, ibp-ex-rrr) take Heo's (§3.4, §7 item 14; AdamW lr 3e-4, wd 1e-4).
+_HEO_SETUP = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4}
 
 register(Method("r4-rand", "finetune", "penalise the largest masked input gradient over n random masked-box points",
                 R4Rand.paper, dict(R4Rand.defaults), needs_masks=True, weight="lam",
@@ -145,7 +147,7 @@ register(Method("smooth-rrr", "finetune", "penalise masked input gradients avera
                 build=lambda model, loss="ce", **hp: SmoothRRR(loss=loss, **hp)))
 register(Method("pgd-ex", "finetune", "adversarial training on the task loss inside the masked box (PGD, ≈5.5× ERM)",
                 PGDEx.paper, dict(PGDEx.defaults), needs_masks=True, weight="lam",
-                train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4},
+                train_defaults=dict(_HEO_SETUP),
                 build=lambda model, loss="ce", **hp: PGDEx(loss=loss, **hp)))
 register(Method("r4-cert", "finetune", "penalise sound interval bounds on the masked input gradient over x ± ε·M",
                 CertR4.paper, dict(CertR4.defaults), needs_masks=True, weight="lam",
@@ -153,9 +155,9 @@ register(Method("r4-cert", "finetune", "penalise sound interval bounds on the ma
                 build=lambda model, loss="ce", **hp: CertR4(loss=loss, **hp)))
 register(Method("ibp-ex", "finetune", "α·CE + (1 − α)·CE of the worst-case logits over x ± ε·M (interval bounds)",
                 IBPEx.paper, dict(IBPEx.defaults), needs_masks=True, weight=None,
-                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                train_defaults=dict(_HEO_SETUP),
                 build=lambda model, loss="ce", **hp: IBPEx(loss=loss, **hp)))
 register(Method("ibp-ex-rrr", "finetune", "IBP-Ex plus λ·L1 of the masked gradient of the logit sum (Heo's combination)",
                 IBPEx.paper, {**IBPEx.defaults, "rrr": 1.0}, needs_masks=True, weight="rrr",
-                train_defaults={"optimizer": "adam", "lr": 1e-3},
+                train_defaults=dict(_HEO_SETUP),
                 build=lambda model, loss="ce", **hp: IBPEx(loss=loss, **hp)))

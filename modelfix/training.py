@@ -159,7 +159,8 @@ def train(
     device = next(model.parameters()).device
     frozen = _batchnorms(model) if config.freeze_bn else []
     frozen_params = {id(p) for bn in frozen for p in bn.parameters()}
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params], config)
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
+    optimizer = make_optimizer(trainable, config)
 
     result = TrainResult()
     best_acc, best_state = -1.0, None
@@ -188,8 +189,8 @@ def train(
                 last_finite = float(loss.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if config.grad_clip:  # the norm of what the optimiser moves: frozen BatchNorm's gradients do not count
+                    nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
                 n = len(batch["y"])
                 seen += n

@@ -23,7 +23,8 @@ from .errors import ModelfixError, TrainingFailed
 from .progress import log_epoch, progress_bar
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-LOSSES = ("ce", "bce")
+LOSSES = ("ce", "bce", "double-softmax")
+SCHEDULES = ("none", "step", "exponential", "cosine")
 
 
 class Objective(Protocol):
@@ -52,6 +53,13 @@ class TrainConfig:
     grad_clip: float | None = None
     select: str = "final"  # "final" or "best" (best validation accuracy)
     freeze_bn: bool = False  # BatchNorm in eval mode with its affine parameters out of the optimiser (EGEM's Retrain)
+    # Learning-rate schedule, stepped once per epoch (`lr_at_epoch`): none | step | exponential | cosine, after
+    # `warmup_epochs` of linear warm-up. gamma: the factor per epoch (exponential; the CRAYON paper's 0.975) or per
+    # `step_size` epochs (step).
+    schedule: str = "none"
+    warmup_epochs: int = 0
+    gamma: float = 0.975
+    step_size: int = 10
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -68,9 +76,34 @@ class TrainConfig:
             raise ModelfixError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.weight_decay < 0:
             raise ModelfixError(f"--weight-decay must be >= 0, not {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise ModelfixError(f"--schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
+        if self.warmup_epochs < 0:
+            raise ModelfixError(f"--warmup-epochs must be >= 0, not {self.warmup_epochs}")
+        if not (0 < self.gamma <= 1):
+            raise ModelfixError(f"--gamma must be in (0, 1], not {self.gamma}")
+        if self.step_size < 1:
+            raise ModelfixError(f"--step-size must be at least 1, not {self.step_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def lr_at_epoch(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of `epoch` (counted from 1). Warm-up: lr·e/W for e ≤ W. After it, with t = e − W − 1 epochs
+    since warm-up and T = epochs − W: `none` lr; `step` lr·γ^⌊t/step_size⌋; `exponential` lr·γ^t; `cosine`
+    lr·(1 + cos(π·t/T))/2 (the last epoch stays above 0)."""
+    warmup = config.warmup_epochs
+    if epoch <= warmup:
+        return config.lr * epoch / warmup
+    t, span = epoch - warmup - 1, max(config.epochs - warmup, 1)
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (t // config.step_size)
+    if config.schedule == "exponential":
+        return config.lr * config.gamma ** t
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * t / span))
+    return config.lr
 
 
 @dataclass
@@ -88,9 +121,14 @@ def seed_everything(seed: int) -> None:
 
 
 def task_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Batch-mean task loss on logits: softmax cross-entropy, or BCE over one-hot targets (the EGEM paper)."""
+    """Batch-mean task loss on logits: softmax cross-entropy, BCE over one-hot targets (the EGEM paper), or
+    `double-softmax`: cross-entropy applied to softmax(logits) as if they were logits, i.e. CE(softmax(p), y). That is
+    R4's task loss on DecoyMNIST (its model ends in a Softmax and nn.CrossEntropyLoss softmaxes again); it is bounded
+    below by −log(e/(e + K − 1)) and has a weak gradient. It exists to reproduce R4's table; do not train with it."""
     if kind == "ce":
         return F.cross_entropy
+    if kind == "double-softmax":
+        return lambda logits, y: F.cross_entropy(F.softmax(logits, dim=1), y)
 
     def bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).to(logits.dtype))
@@ -159,7 +197,8 @@ def train(
     device = next(model.parameters()).device
     frozen = _batchnorms(model) if config.freeze_bn else []
     frozen_params = {id(p) for bn in frozen for p in bn.parameters()}
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params], config)
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
+    optimizer = make_optimizer(trainable, config)
 
     result = TrainResult()
     best_acc, best_state = -1.0, None
@@ -173,6 +212,9 @@ def train(
             for bn in frozen:  # running statistics stay fixed
                 bn.eval()
             schedule = start_epoch(objective, epoch - 1, config.epochs)
+            lr = lr_at_epoch(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             sums: dict[str, float] = {}
             seen = 0
             for step, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=shuffle_gen), 1):
@@ -188,8 +230,8 @@ def train(
                 last_finite = float(loss.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if config.grad_clip:  # the norm of what the optimiser moves: frozen BatchNorm's gradients do not count
+                    nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
                 n = len(batch["y"])
                 seen += n
@@ -197,7 +239,7 @@ def train(
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 bar.update(task, advance=1, description=f"{description} epoch {epoch}/{config.epochs} loss {last_finite:.4f}")
-            record = {"epoch": epoch, **schedule, **{k: v / seen for k, v in sums.items()}}
+            record = {"epoch": epoch, "lr": lr, **schedule, **{k: v / seen for k, v in sums.items()}}
             if val is not None:
                 record["val_accuracy"] = accuracy(model, val)
                 if config.select == "best" and record["val_accuracy"] > best_acc:

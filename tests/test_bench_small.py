@@ -56,3 +56,32 @@ def test_bench_tap_mnist_runs_on_decoy_digits():
     assert result["teachers"]["teacher-0.01"]["n"] == round(0.01 * n_train)
     assert 0.0 <= result["teachers"]["teacher-0.01"]["accuracy_clean"]["mean"] <= 1.0
     assert len(result["runs"]) == len(tap_mnist.CASES)
+
+
+def test_bench_r4_mnist_chooses_lambda_on_validation_only(mnist_root, monkeypatch):
+    """With a λ grid every candidate is scored on the permuted VALIDATION split (never a test split), the best
+    macro-group accuracy wins, and the choice, R4's double-softmax loss and R4's recoloured test reach the result."""
+    from modelfix.bench import r4_mnist
+
+    scored = []
+    real_metrics = r4_mnist.metrics
+
+    def spy(pred, data):
+        scored.append(data.name)
+        return real_metrics(pred, data)
+
+    monkeypatch.setattr(r4_mnist, "metrics", spy)
+    result = r4_mnist.run(data_root=mnist_root, cases=("rrr",), restarts=1, epochs=1, train_size=300, test_size=60,
+                          progress=False, loss="double-softmax", tests=("permuted", "permuted-r4"),
+                          lambda_grid={"rrr": [1e-3, 10.0]})
+    case = result["cases"]["rrr"]
+    selection = case["lambda_selection"]
+    assert scored[:2] == ["decoy-mnist:val-permuted"] * 2  # the two candidates, before any test split
+    assert scored[2:] == ["decoy-mnist:test-permuted", "decoy-mnist:test-permuted-r4"]
+    assert [row["lambda"] for row in selection["candidates"]] == [1e-3, 10.0]
+    macro = {row["lambda"]: row["val_macro_group_accuracy"] for row in selection["candidates"]}
+    expected = 1e-3 if macro[1e-3] >= macro[10.0] else 10.0
+    assert selection["chosen"] == expected == case["hyperparameters"]["lam"]
+    assert selection["selected_on"] == "decoy-mnist:val-permuted" and selection["trained_on"] == "decoy-mnist:train"
+    assert case["config"]["loss"] == "double-softmax" and result["loss"] == "double-softmax"
+    assert set(result["n_test"]) == {"permuted", "permuted-r4"}

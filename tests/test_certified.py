@@ -9,6 +9,7 @@ from torch import nn
 from modelfix.card import InputSpec
 from modelfix.errors import ModelfixError, UnsupportedModel
 from modelfix.repair.guidance.certified import CertR4, IBPEx, worst_case_logits
+from modelfix.repair.intervals import input_gradient_bounds
 from modelfix.repair.methods import make_objective
 from modelfix.zoo import Classifier
 
@@ -42,16 +43,42 @@ def test_ibp_ex_penalty_gradient_matches_finite_differences(rrr):
     assert_fd_gradient(model, lambda m: ibp.penalty(m, b))
 
 
-def test_cert_r4_penalty_dominates_every_sampled_masked_gradient():
+def test_cert_r4_bounds_contain_every_sampled_gradient_element_and_collapse_at_tiny_eps():
+    """Element by element: G_l ≤ ∂CE_b/∂x'_bi ≤ G_u at every pixel of every item for points x' sampled in the box,
+    so M·(|G_l| + |G_u|) ≥ M·|g| per element; the penalty is Σ M(|G_l| + |G_u|)/(B·D) of those bounds; and as ε → 0
+    the bounds close on the gradient at x (a loose or misplaced bound fails here)."""
     model, b = relu_net(conv=True), batch(masked=(True,) * 4)
-    eps, cert = 0.3, CertR4(eps=0.3)
-    bound = float(cert.penalty(model, b).detach())
+    eps = 0.3
+    g_lower, g_upper = input_gradient_bounds(model, b["x"], b["y"], b["mask"], eps)
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
         x = (b["x"] + eps * b["mask"] * (2 * torch.rand(b["x"].shape, generator=gen, dtype=F64) - 1)).requires_grad_()
         losses = F.cross_entropy(model(x), b["y"], reduction="sum")  # per-example gradients: the sum's gradient
         (g,) = torch.autograd.grad(losses, x)
-        assert float((b["mask"] * g.abs()).sum() / x.numel()) <= bound + 1e-12
+        assert bool((g_lower <= g + 1e-12).all()) and bool((g <= g_upper + 1e-12).all())
+    expected = float((b["mask"] * (g_lower.abs() + g_upper.abs())).sum().detach()) / b["x"].numel()
+    assert float(CertR4(eps=eps).penalty(model, b).detach()) == pytest.approx(expected, rel=1e-12)
+    x = b["x"].clone().requires_grad_()
+    (g0,) = torch.autograd.grad(F.cross_entropy(model(x), b["y"], reduction="sum"), x)
+    lo, hi = input_gradient_bounds(model, b["x"], b["y"], b["mask"], 1e-9)
+    torch.testing.assert_close(lo, g0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hi, g0, rtol=0, atol=1e-6)
+    assert float((g_upper - g_lower).max().detach()) > 1e-3  # at ε = 0.3 the box is not degenerate
+
+
+def test_ibp_ex_rrr_term_differentiates_the_normalised_input():
+    """A linear net f(x) = W (x − μ)/σ + b: ∂(Σ_k f_k)/∂z = Σ_k W_k (z the network input), the same for every item,
+    so the term is λ_rrr·Σ_b Σ_i M_bi |Σ_k W_ki|. With σ = 0.5 the pixel gradient would be twice that."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), InputSpec(1, 8, 8, (0.2,), (0.5,))).double()
+    b = batch(masked=(True, True, False, True))
+    column_sums = model.net[1].weight.detach().sum(dim=0)  # Σ_k W_ki, 64
+    per_item = (b["mask"][:, 0].flatten(1) * column_sums.abs()).sum(dim=1)
+    expected_rrr = 0.7 * float(per_item[[0, 1, 3]].sum())  # item 2 has no mask: its M counts as 0
+    with_rrr = float(IBPEx(alpha=0.3, eps=0.2, rrr=0.7).penalty(model, b).detach())
+    without = float(IBPEx(alpha=0.3, eps=0.2, rrr=0.0).penalty(model, b).detach())
+    assert expected_rrr > 0
+    assert with_rrr - without == pytest.approx(expected_rrr, rel=1e-10)
 
 
 def test_worst_case_cross_entropy_dominates_sampled_cross_entropy():

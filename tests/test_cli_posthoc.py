@@ -30,10 +30,10 @@ def test_prune_egem_writes_a_folded_checkpoint_and_report(cnn, tmp_path):
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     trace = doc["trace"]
-    assert trace["points"] == ["relu1", "relu2", "relu3"]
+    assert trace["points"] == ["pool1", "flatten", "relu3"]  # the paper's MNIST points
     assert [row["alpha"] for row in trace["selection"]][0] == 1.0 and len(trace["selection"]) == 14
     assert trace["val_acc"] >= 0.95 * trace["val_orig"] - 1e-9
-    assert {row["name"] for row in trace["layers"]} <= {"relu1", "relu2", "relu3"}
+    assert {row["name"] for row in trace["layers"]} <= {"pool1", "flatten", "relu3"}
     assert not doc["fold"]["kept"]  # every EGEM scale on this net folds exactly
     with safe_open(str(out), "pt") as f:
         assert not [k for k in f.keys() if k.startswith("modelfix.patch.")]
@@ -45,18 +45,18 @@ def test_prune_egem_writes_a_folded_checkpoint_and_report(cnn, tmp_path):
 def test_pca_egem_keeps_conv_patches_that_reload(cnn, tmp_path):
     out = tmp_path / "pca.safetensors"
     result = run("prune-egem", cnn, "--clean-dir", "decoy-digits:val", "--method", "pca-egem", "--alpha", "0.3",
-                 "--samples-per-class", "30", "-o", out, "--json")
+                 "--layers", "pool1,pool2", "--samples-per-class", "30", "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["trace"]["selected_by"] == "given"
     kept = {entry["target"] for entry in doc["fold"]["kept"]}
-    assert "relu1" in kept or "relu2" in kept  # conv sum-ratio patches cannot fold
+    assert "pool2" in kept  # conv sum-ratio patches cannot fold (pool1 has τ = 1: no patch)
     model, card = load_model(out)
     assert card.patches and {p["target"] for p in card.patches} == kept
     # strict folding refuses and writes nothing
     strict = tmp_path / "strict.safetensors"
     result = run("prune-egem", cnn, "--clean-dir", "decoy-digits:val", "--method", "pca-egem", "--alpha", "0.3",
-                 "--samples-per-class", "30", "--fold", "-o", strict)
+                 "--layers", "pool1,pool2", "--samples-per-class", "30", "--fold", "-o", strict)
     assert_one_line_error(result, "fold")
     assert not strict.exists()
 

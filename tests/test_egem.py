@@ -20,6 +20,7 @@ from modelfix.repair import egem
 from modelfix.repair.egem import (
     ALPHA_GRID,
     EgemConfig,
+    LayerStats,
     build_refinement,
     collect_stats,
     egem_factors,
@@ -29,6 +30,7 @@ from modelfix.repair.egem import (
     tau_schedule,
 )
 from modelfix.repair.patches import PCAffine, PCASumRatio, patch_entries
+from modelfix.repair.points import Point
 from modelfix.repair.refinement import RefinementSplit, refinement_split
 from modelfix.zoo import Classifier, build_model, default_input_spec
 
@@ -160,11 +162,31 @@ def test_search_lambda_hits_target(scale, tau):
     assert lam / scale == pytest.approx(lam_ref, rel=1e-6)
 
 
-def test_search_lambda_identity_and_dead_units():
+def test_search_lambda_finds_the_hand_solved_lambda_and_counts_dead_units():
+    """Second moments (1, 4): mean c = [1/(1+λ) + 4/(4+λ)]/2 = 0.5 ⇔ 8 + 5λ = 4 + 5λ + λ² ⇔ λ = 2. With two dead
+    units added (EGEM's mean runs over all units, dead ones at 0) the same λ gives 0.25."""
     assert search_lambda(lambda lam: 1.0, 1.0, 5.0) == (0.0, 1.0)
-    s2 = torch.tensor([0.0, 0.0, 0.0, 2.0], dtype=torch.float64)  # 3 dead units: mean c ≤ 0.25 for any λ > 0
-    lam, achieved = search_lambda(lambda l: float(egem_factors(s2, l).mean()), 0.5, 2.0)
-    assert 0 < lam and achieved <= 0.5
+    s2 = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    lam, achieved = search_lambda(lambda l: float(egem_factors(s2, l).mean()), 0.5, 4.0)
+    assert lam == pytest.approx(2.0, rel=1e-6) and 0.5 - 1e-6 < achieved <= 0.5
+    s2 = torch.tensor([0.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    lam, achieved = search_lambda(lambda l: float(egem_factors(s2, l).mean()), 0.25, 4.0)
+    assert lam == pytest.approx(2.0, rel=1e-6) and 0.25 - 1e-6 < achieved <= 0.25
+
+
+def test_pca_egem_tau_averages_over_directions_with_variance_only():
+    """Covariance diag(0, 4, 0, 1) (as from 3 unique samples in 4 dims): two directions carry no variance. τ = 0.5
+    must be reached on the other two: [4/(4+λ) + 1/(1+λ)]/2 = 0.5 ⇔ λ = 2, factors 2/3 and 1/3, null directions 0,
+    so the map is diag(0, 2/3, 0, 1/3). Averaging over all four directions the mean could never exceed 0.5."""
+    stats = {"fc": LayerStats(name="fc", kind="dense", n=3.0, second_moment=torch.ones(4, dtype=torch.float64),
+                              mean=torch.zeros(4, dtype=torch.float64),
+                              cov=torch.diag(torch.tensor([0.0, 4.0, 0.0, 1.0], dtype=torch.float64)),
+                              pca_mode="dense", unique=3)}
+    (layer,) = build_refinement(stats, [Point("fc", 1, (4,))], 0.5, "flat", "pca-egem")
+    assert layer["lambda"] == pytest.approx(2.0, rel=1e-6)
+    assert layer["mean_factor"] == pytest.approx(0.5, abs=1e-6) and layer["mean_factor"] <= 0.5
+    expected = torch.diag(torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]))
+    torch.testing.assert_close(layer["patch"].matrix, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------------
@@ -305,7 +327,9 @@ def test_zero_variance_directions_are_removed(points_module):
     values, _ = stats["feat"].basis()
     assert (pca_factors(values, 1e-9 * float(values.max())) == 0).sum() == 2
     [layer] = build_refinement(stats, [point], 0.9, "flat", "pca-egem")
-    assert layer["pruned_units"] >= 2 and layer["mean_factor"] <= 0.5  # rank 2 of 4: mean c ≤ 0.5 at any λ
+    # rank 2 of 4: the 2 null directions are pruned, and τ = 0.9 is met on the 2 with variance (over all 4 the mean
+    # could never exceed 0.5)
+    assert layer["pruned_units"] == 2 and 0.9 - 1e-6 < layer["mean_factor"] <= 0.9
     off_span = basis[:, 2:] @ torch.tensor([[1.5], [-0.7]])
     mean = stats["feat"].mean.float()
     torch.testing.assert_close(layer["patch"]((mean + off_span.T)), mean[None], atol=1e-5, rtol=0)
@@ -397,7 +421,7 @@ def test_pca_warns_when_too_few_unique_samples(points_module):
     model, split = _tiny_split(n=4)  # 4 unique fit samples for 5 dims
     _, trace = fit_egem(model, split, EgemConfig(method="pca-egem", layers=["relu1"], alpha=0.5), progress=False)
     assert trace["warnings"] == ["PCA-EGEM on 'relu1': only 4 unique samples for 5 dims; directions outside their "
-                                 "span are removed"]
+                                 "span are removed and τ applies to the rest"]
     assert trace["layers"][0]["pca_mode"] == "dense"
 
 

@@ -369,6 +369,18 @@ def test_downscale_masks_non_square_falls_back_to_nearest_resize():
     assert fallback.shape == (1, 1, 4, 2)
 
 
+def test_downscale_masks_takes_k_from_the_width_as_taps_code():
+    """8×16 mask, ones in rows 0–3, cols 0–3; target (2, 8). Width: k = 16 // 8 = 2; the 3×3 dilation makes rows and
+    cols 0–4 ones; 2×2 averages give a 4×8 map with row factors (1, 1, .5, 0) and col factors (1, 1, .5, 0, …); r = 8 /
+    (16/2) = 1; 4×8 ≠ 2×8, so a nearest resize keeps rows 0 and 2. (From the height, k = 4 would give rows (1, .25)
+    and cols (1, 1, .25, .25, 0, …) instead.)"""
+    mask = torch.zeros(1, 1, 8, 16)
+    mask[..., :4, :4] = 1
+    (out,) = downscale_masks(mask, [(2, 8)])
+    expected = torch.tensor([[1, 1, .5, 0, 0, 0, 0, 0], [.5, .5, .25, 0, 0, 0, 0, 0]])
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-7)
+
+
 def test_tap_penalty_closed_form_with_layer_and_batch_means():
     """8×8 mask with a top-left 2×2 patch; maps 4×4 (3 channels of 1) and 2×2 (1 channel of 2).
     Masks: [[1,.5],[.5,.25]] then [[1,.25],[.25,.0625]] (progressive)."""

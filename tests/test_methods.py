@@ -52,7 +52,7 @@ def test_registry_holds_the_issue_4_methods():
     assert {n for n in FINETUNES if get_method(n).needs_masks} == {"tap", "rrr", "rbr"}
     assert get_method("tap").hyperparameters == {"lam": 1e-3, "layers": None, "norm": "squared"}
     assert get_method("rrr").hyperparameters == {"lam": 1e-3, "target": "log-prob-sum"}
-    assert get_method("rbr").hyperparameters == {"lam": 1e4}
+    assert get_method("rbr").hyperparameters == {"lam": 3.0}
     assert get_method("erm-l2").hyperparameters == {"l2": 1e-3}
     assert get_method("retrain").train_defaults == {"optimizer": "adam", "grad_clip": 1e-3, "freeze_bn": True}
     assert "Zhang" in get_method("tap").paper and "Ross" in get_method("rrr").paper

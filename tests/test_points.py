@@ -29,15 +29,17 @@ def names(points: list[Point]) -> list[str]:
 
 
 def test_small_net_defaults_follow_the_generic_rule():
+    """The input of each Conv/Linear after the first (the EGEM paper's MNIST points): egem-cnn 28 → conv 3×3 → 26
+    → pool → 13; conv 5×5 → 9 → pool → 4, flattened 16·4·4 = 256; fc 200."""
     egem = find_points(make("egem-cnn"))
     assert egem == [
-        Point("relu1", 1, (8, 26, 26)),
-        Point("relu2", 2, (16, 9, 9)),
+        Point("pool1", 1, (8, 13, 13)),
+        Point("flatten", 2, (256,)),
         Point("relu3", 3, (200,)),
     ]
-    assert [p.kind for p in egem] == ["conv", "conv", "dense"]
+    assert [p.kind for p in egem] == ["conv", "dense", "dense"]
     assert names(find_points(make("mlp"))) == ["relu1"]  # relu after the last Linear would be excluded; none here
-    assert names(find_points(make("tap-cnn"))) == ["relu1", "relu2"]
+    assert names(find_points(make("tap-cnn"))) == ["pool1", "flatten"]
     assert names(find_points(make("crayon-mlp"), "auto")) == ["relu1", "relu2"]
 
 
@@ -106,7 +108,7 @@ def test_activation_after_the_last_linear_or_not_after_conv_is_no_default():
         )
     )
     model = Classifier(net, InputSpec(1, 8, 8, (0.0,), (1.0,)))
-    assert names(find_points(model)) == ["act1"]
+    assert names(find_points(model)) == ["flatten"]  # act1, moved on to the input of fc
 
 
 def test_functional_activations_need_explicit_layers():

@@ -81,6 +81,38 @@ def test_decoy_digits_splits():
     assert torch.equal(permuted.x[outside], s["test-clean"].x[outside])  # the digits are never recoloured
 
 
+def test_r4_recolour_replaces_every_pixel_of_the_true_swatch_by_one_fresh_swatch():
+    """Item 0 (label 1, swatch byte 230): its two 230 pixels, wherever they are, take one other swatch level; the
+    255 pixel (label 0's swatch) and the rest stay. Item 1 (label 0): its 255 pixels are recoloured."""
+    from modelfix.data.dataset import Dataset
+    from modelfix.data.scenarios import r4_recolour
+
+    levels = torch.tensor([(255 - 25 * k) / 255 for k in range(10)], dtype=torch.float32)
+    bytes_ = torch.tensor([[[[230, 100, 230], [255, 0, 7]]], [[[255, 255, 3], [230, 0, 0]]]], dtype=torch.float32)
+    data = Dataset(x=bytes_ / 255, y=torch.tensor([1, 0]))
+    out = r4_recolour(data, levels, seed=3)
+    for n, hits in ((0, [(0, 0), (0, 2)]), (1, [(0, 0), (0, 1)])):
+        new = {float(out.x[n, 0, r, c]) for r, c in hits}
+        assert len(new) == 1  # one fresh label per image
+        (value,) = new
+        assert any(abs(value - float(level)) < 1e-7 for level in levels)
+        keep = torch.ones(2, 3, dtype=torch.bool)
+        for r, c in hits:
+            keep[r, c] = False
+        assert torch.equal(out.x[n, 0][keep], data.x[n, 0][keep])
+    assert out.info["recoloured_pixels"].tolist() == [2, 2]
+
+
+def test_test_permuted_r4_patch_matches_the_label_about_once_in_a_hundred():
+    """R4's test: the permuted patch (label colour 1 in 10) recoloured where it equals the true label's swatch, so
+    it keeps the true colour only when the fresh label is the true one again (≈ 1 %)."""
+    permuted = load_scenario("decoy-digits", "test-permuted")
+    r4 = load_scenario("decoy-digits", "test-permuted-r4")
+    assert len(r4) == len(permuted) and torch.equal(r4.y, permuted.y)
+    assert float((colour_label(permuted) == permuted.y).float().mean()) > 0.05
+    assert float((colour_label(r4) == r4.y).float().mean()) < 0.03
+
+
 def test_decoy_digits_is_deterministic_per_split_and_seed():
     a = load_scenario("decoy-digits", "val")
     load_scenario("decoy-digits", "train", seed=0)  # loading another split changes nothing

@@ -10,9 +10,18 @@ and worst-group = min of those; δ = max over the test set of the largest Cert-R
 test ε 0.1, averaged over restarts, on the union of the test masks (all four corners, as R4) and on its
 complement (core), and their ratio.
 
+`test-permuted-r4` (`tests` includes "permuted-r4") is R4's test as R4 ran it: the same permuted test recoloured by
+R4's `randomize_img_swatch` (patch matches ≈ 1 in 100, digit strokes of the label's grey recoloured).
+
+Hyper-parameters are never chosen on a test split. With `lambda_grid` {case: [λ, …]} each such case first trains
+once per λ (seed 0) on `decoy-mnist:train` (50k, the 10k validation images held out) and scores the permuted
+validation split `val-permuted` (macro-group accuracy, ties to the smaller λ); the restarts then run on R4's 60k
+with the chosen λ. The choice and every candidate's validation scores are in the result (`lambda_selection`).
+
 Per-method settings are R4's table (§2.7) with these conversions, because our objectives are the papers' and not
 the repo's (§2.4: the repo's RRR, IBP-Ex, IBP-Ex+RRR and Adv-R4 terms do not train):
-- task loss: single-softmax CE, not R4's double softmax (§7 item 9);
+- task loss: single-softmax CE by default; `loss="double-softmax"` is R4's (CE of the softmax outputs, §2.2,
+  §7 item 9), for reproducing R4's rows like for like;
 - ERM+L2: ERM's epochs and lr with l2 = 2e-3, i.e. + 1e-3·Σθ², the effective objective of R4's RRR baseline
   (§2.4; our erm-l2 adds (l2/2)·Σθ²);
 - RRR: target `loss` (R4's explanation: the per-example CE), λ = k / (D·(D/|M|)²) = 10 / (784·49²) so that
@@ -68,7 +77,8 @@ PAPER = {
     "r4-adv": {"macro": 93.47, "worst": 89.51, "delta_masked": 2.0, "ratio": 0.321},
     "r4-cert": {"macro": 97.02, "worst": 94.70, "delta_masked": 0.93, "ratio": 0.024},
 }
-TESTS = {"permuted": "test-permuted", "contaminated": "test-contaminated"}
+TESTS = {"permuted": "test-permuted", "contaminated": "test-contaminated", "permuted-r4": "test-permuted-r4"}
+DEFAULT_TESTS = ("permuted", "contaminated")
 
 
 def _group_summary(per_group: list[torch.Tensor]) -> dict:
@@ -86,18 +96,60 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def _subset(data, size: int | None):
+    if size is None:
+        return data
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:size].sort().values
+    return data.subset(pick)
+
+
+def _fit(card, method, hparams, config, seed, data, loss, progress, description):
+    torch.manual_seed(seed)
+    model = build_model(card)
+    objective = make_objective(method, model, loss=loss, **hparams)
+    fit = train(model, data, TrainConfig(**config, seed=seed, loss=loss), objective, progress=progress,
+                description=description)
+    return model, fit
+
+
+def select_lambda(card, case: str, grid, config: dict, loss: str, train_data, val, progress: bool = True) -> dict:
+    """One seed-0 run per λ of `grid` on `train_data`, scored on `val` (R4's macro-group accuracy); the best λ
+    (ties: the smaller). Never touches a test split."""
+    method, _, _, hparams = CASES[case]
+    rows = []
+    for lam in sorted(float(v) for v in grid):
+        model, _ = _fit(card, method, {**hparams, "lam": lam}, config, 0, train_data, loss, progress,
+                        f"{case} λ={lam:g} (validation)")
+        result = metrics(predict(model, val.x), val)
+        rows.append({"lambda": lam, "val_macro_group_accuracy": result["macro_group_accuracy"],
+                     "val_worst_group_accuracy": result["worst_group_accuracy"], "val_accuracy": result["accuracy"]})
+    best = max(rows, key=lambda r: (r["val_macro_group_accuracy"], -r["lambda"]))
+    return {"chosen": best["lambda"], "selected_on": val.name, "trained_on": train_data.name, "candidates": rows}
+
+
 def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | None = None,
         train_size: int | None = None, test_size: int | None = None, progress: bool = True,
-        on_case=None, lambdas: dict | None = None) -> dict:
+        on_case=None, lambdas: dict | None = None, loss: str = "ce", tests=DEFAULT_TESTS,
+        lambda_grid: dict | None = None) -> dict:
     """Train every case `restarts` times and summarise (module docstring). `epochs` overrides every case's epoch
-    count, `lambdas` {case: λ} a case's λ (a sweep: R4's k were tuned for its code, where most mask terms do not
-    train), `train_size` takes a seeded subset of the 60k, `test_size` the first N test items (smoke runs);
-    `on_case(name, summary)` is called as each case finishes (the CLI prints rows as they come)."""
+    count, `lambdas` {case: λ} a case's λ as given, `lambda_grid` {case: [λ, …]} a λ chosen on the validation
+    split (module docstring), `loss` the task loss ("ce" or R4's "double-softmax"), `tests` the test splits by
+    name (TESTS), `train_size` a seeded subset of the training data, `test_size` the first N test items (smoke
+    runs); `on_case(name, summary)` is called as each case finishes (the CLI prints rows as they come)."""
     lambdas = {case: float(value) for case, value in (lambdas or {}).items()}
-    unknown = [c for c in [*cases, *lambdas] if c not in CASES]
+    lambda_grid = {case: list(values) for case, values in (lambda_grid or {}).items()}
+    if loss not in ("ce", "double-softmax"):
+        raise ModelfixError(f"bench r4-mnist --loss must be ce or double-softmax, not '{loss}'")
+    bad_tests = [t for t in tests if t not in TESTS]
+    if bad_tests or "permuted" not in tests:
+        raise ModelfixError(f"bench r4-mnist tests must include 'permuted' and be among {', '.join(TESTS)}")
+    both = sorted(set(lambdas) & set(lambda_grid))
+    if both:
+        raise ModelfixError(f"--lambda and a λ grid both given for '{both[0]}'; give one")
+    unknown = [c for c in [*cases, *lambdas, *lambda_grid] if c not in CASES]
     if unknown:
         raise ModelfixError(f"unknown method '{unknown[0]}' for bench r4-mnist (one of {', '.join(CASES)})")
-    for case, value in lambdas.items():
+    for case, value in [*lambdas.items(), *[(c, v) for c, grid in lambda_grid.items() for v in grid]]:
         if "lam" not in CASES[case][3]:
             with_lam = ", ".join(c for c in CASES if "lam" in CASES[c][3])
             raise ModelfixError(f"--lambda: method '{case}' has no λ (those with one: {with_lam})")
@@ -106,14 +158,16 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
     if restarts < 1:
         raise ModelfixError(f"--restarts must be at least 1, not {restarts}")
     start = time.perf_counter()
-    data = load_scenario("decoy-mnist", "train-full", data_root=data_root, seed=0)
-    if train_size is not None:
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:train_size].sort().values
-        data = data.subset(pick)
+    data = _subset(load_scenario("decoy-mnist", "train-full", data_root=data_root, seed=0), train_size)
+    test_names = tests
     tests = {}
-    for name, split in TESTS.items():
-        test = load_scenario("decoy-mnist", split, data_root=data_root, seed=0)
+    for name in test_names:
+        test = load_scenario("decoy-mnist", TESTS[name], data_root=data_root, seed=0)
         tests[name] = test if test_size is None else test.subset(slice(0, test_size))
+    selection_data = None
+    if lambda_grid:  # the 50k without the validation images, and the permuted validation split
+        selection_data = (_subset(load_scenario("decoy-mnist", "train", data_root=data_root, seed=0), train_size),
+                          load_scenario("decoy-mnist", "val-permuted", data_root=data_root, seed=0))
     # R4's test mask: all four corners = the union of the test items' patch footprints.
     corners = (tests["permuted"].mask.amax(0) > 0).float()
     spec = default_input_spec(ARCH)
@@ -123,16 +177,18 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
     summary, runs = {}, []
     for case in cases:
         method, case_epochs, lr, hparams = CASES[case]
-        hparams = {**hparams, "lam": lambdas[case]} if case in lambdas else hparams
         config = dict(optimizer="adam", lr=lr, batch_size=1000, epochs=epochs or case_epochs, weight_decay=0.0)
+        selection = None
+        if case in lambda_grid:
+            selection = select_lambda(card, case, lambda_grid[case], config, loss, *selection_data, progress=progress)
+            hparams = {**hparams, "lam": selection["chosen"]}
+        elif case in lambdas:
+            hparams = {**hparams, "lam": lambdas[case]}
         per_group = {name: [] for name in tests}
         deltas = []
         for restart in range(restarts):
-            torch.manual_seed(restart)
-            model = build_model(card)
-            objective = make_objective(method, model, **hparams)
-            fit = train(model, data, TrainConfig(**config, seed=restart), objective, progress=progress,
-                        description=f"{case} restart {restart + 1}/{restarts}")
+            model, fit = _fit(card, method, hparams, config, restart, data, loss, progress,
+                              f"{case} restart {restart + 1}/{restarts}")
             row = {"case": case, "seed": restart, "train_seconds": fit.seconds,
                    "seconds_per_epoch": fit.seconds / config["epochs"],
                    "final_penalty": fit.history[-1].get("penalty")}
@@ -144,7 +200,8 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
             deltas.append(row["fragility"])
             runs.append(row)
         summary[case] = {
-            "method": method, "hyperparameters": hparams, "config": config,
+            "method": method, "hyperparameters": hparams, "config": {**config, "loss": loss},
+            "lambda_selection": selection,
             **{name: _group_summary(groups) for name, groups in per_group.items()},
             "delta_masked": _mean([d["masked"] for d in deltas]), "delta_core": _mean([d["core"] for d in deltas]),
             "delta_ratio": _mean([d["masked"] for d in deltas]) / _mean([d["core"] for d in deltas]),
@@ -155,6 +212,7 @@ def run(data_root=None, cases=tuple(CASES), restarts: int = 4, epochs: int | Non
             on_case(case, summary[case])
     return {"benchmark": "r4-mnist", "arch": ARCH, "restarts": restarts, "n_train": len(data),
             "n_test": {k: len(v) for k, v in tests.items()}, "test_eps": TEST_EPS,
-            "epochs_override": epochs, "lambda_override": lambdas, "data_checksum": data.info.get("checksum"),
+            "epochs_override": epochs, "lambda_override": lambdas, "lambda_grid": lambda_grid, "loss": loss,
+            "data_checksum": data.info.get("checksum"),
             "torch_threads": torch.get_num_threads(), "cases": summary, "runs": runs,
             "seconds": time.perf_counter() - start}

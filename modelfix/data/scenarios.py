@@ -37,7 +37,7 @@ MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DECOY_SPLITS = ("train", "val", "val-permuted", "train-full", "clean", "test-clean", "test-contaminated",
-                "test-permuted")
+                "test-permuted", "test-permuted-r4")
 TEST_ALIAS = {"test": "test-clean"}
 
 
@@ -136,18 +136,38 @@ def _holdout(n: int, n_val: int, seed: int, scenario: str) -> tuple[Tensor, Tens
     return torch.from_numpy(np.sort(perm[n_val:])), torch.from_numpy(np.sort(perm[:n_val]))
 
 
+def r4_recolour(data: Dataset, levels: Tensor, seed: int) -> Dataset:
+    """R4's `randomize_img_swatch` on top of a permuted test (methods_guided_finetunes.md §2.6): in every image, each
+    pixel whose byte equals the TRUE label's swatch byte (anywhere: patch or digit stroke) takes the swatch of a fresh
+    uniformly random label, one draw per image. So the patch matches the label about 1 % of the time, not 10 %, and
+    digit pixels of that grey level (the 255 strokes of many 0s) are recoloured too."""
+    g = torch.Generator().manual_seed(seed)
+    fresh = torch.randint(0, len(levels), (len(data),), generator=g)
+    swatch_bytes = torch.round(levels.double() * 255)
+    x_bytes = torch.round(data.x.double() * 255)
+    hit = x_bytes == swatch_bytes[data.y].view(-1, 1, 1, 1)
+    x = torch.where(hit, levels[fresh].view(-1, 1, 1, 1).to(data.x.dtype), data.x)
+    info = dict(data.info)
+    info["recoloured_pixels"] = hit.flatten(1).sum(1)
+    return data.with_(x=x, info=info)
+
+
 def _decoy(scenario: str, split: str, seed: int, base: Dataset) -> Dataset:
     """One DecoyMNIST split from its artifact-free items `base`: the label-coloured corner patch on every
     train/val image; `clean` (the val items without the patch: the refinement pool of the post-hoc methods), and
     clean, contaminated (true-label colour) and permuted (uniformly random colour, so 1 in 10 still matches) tests;
     `val-permuted` (the val items with a random-colour patch: where a λ sweep is chosen without touching the
-    tests). Only the patch is pasted: digit pixels are never recoloured."""
+    tests). Only the patch is pasted: digit pixels are never recoloured, except in `test-permuted-r4`, R4's test:
+    the permuted test followed by R4's recolouring (`r4_recolour`)."""
     artifact = CornerPatch()
     s = split_seed(seed, scenario, split)
     if split in ("clean", "test-clean"):
         data = base
     elif split in ("test-permuted", "val-permuted"):
         data = poison(base, artifact, 1.0, "random", seed=s)
+    elif split == "test-permuted-r4":
+        data = poison(base, artifact, 1.0, "random", seed=s)
+        data = r4_recolour(data, artifact.levels(), split_seed(seed, scenario, "r4-recolour"))
     else:  # train, val, train-full, test-contaminated
         data = poison(base, artifact, 1.0, "correlated", seed=s)
     return _finish(data, scenario, split, seed, str(artifact))

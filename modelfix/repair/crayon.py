@@ -8,9 +8,12 @@ j·H·W … (j+1)·H·W−1 for a flattened C×H×W map, column j for a globally
 stay zero during the fine-tune (re-zeroed after every optimiser step).
 
 The fine-tune is CE on the training data with Adam(lr, weight decay), only the Linear's weight and bias (the
-preprint: lr 1e-4, 10 epochs, weight decay 1e-4). The backbone is frozen and run in eval mode with features
-detached (released code), so its features are computed ONCE and the epochs run over the cached features: the same
-optimisation as re-running the backbone every step, at the cost of one forward pass.
+preprint: lr 1e-4, 10 epochs, weight decay 1e-4). The backbone is frozen (features detached, as the released code)
+and run in EVAL mode, so its features are computed ONCE and the epochs run over the cached features. This departs
+from the released code, which calls `model.train()` for the fine-tune: there BatchNorm normalises with batch
+statistics (and updates its running statistics) and dropout is active in the backbone. Eval mode keeps the pruned
+features deterministic and the backbone's BatchNorm untouched, and makes caching exact; on nets without BatchNorm or
+dropout (crayon-mlp, the small CNNs) the two are the same.
 
 `random_channels` draws the Random Pruning baseline: as many channels as the "no" verdicts, uniformly.
 """

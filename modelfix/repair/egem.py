@@ -4,7 +4,8 @@ Montavon, "Preemptively Pruning Clever-Hans Strategies in Deep Neural Networks";
 - `egem` (paper Eq. 5): at every refinement point, each unit (conv: channel) is scaled, `a_i ← c_i·a_i` with
   `c_i = E[a_i²] / (E[a_i²] + λ)`. For conv maps `E[a_i²]` is the second moment of the per-image channel *sum*.
 - `pca-egem` (paper Eq. 6): the same shrinkage in the PCA basis of the centred refinement activations,
-  `a ← ā + U diag(c) Uᵀ (a − ā)` with `c_k = σ_k² / (σ_k² + λ)`; directions without variance get `c = 0`.
+  `a ← ā + U diag(c) Uᵀ (a − ā)` with `c_k = σ_k² / (σ_k² + λ)`; directions without variance get `c = 0` and are
+  left out of the mean factor that τ targets (`pca_mean_factor`).
   Conv maps use the paper code's per-image channel-sum ratio (`sum`) or a 1×1 affine map per position (`position`).
 
 One scalar α sets a target mean factor τ_l per refined layer (triangular schedule, §3.1), λ_l is searched to hit it
@@ -99,6 +100,20 @@ def pca_factors(eigenvalues: Tensor, lam: float, tol: float = EIG_TOL) -> Tensor
     keep = ev > tol * max(top, 0.0)
     ev = torch.where(keep, ev, torch.zeros_like(ev))
     return torch.where(keep, ev / (ev + lam), torch.zeros_like(ev))
+
+
+def pca_mean_factor(eigenvalues: Tensor, lam: float, tol: float = EIG_TOL) -> float:
+    """The mean of `pca_factors` over the directions WITH variance (eigenvalue > tol·max), the quantity τ targets.
+
+    Directions without variance always get 0; counting them would cap the reachable mean at rank/d, so with fewer
+    unique samples than dimensions a τ above that could never be met and α would stop controlling the layer. With no
+    direction of variance at all the mean is 0 (there is nothing to keep)."""
+    ev = eigenvalues.to(torch.float64)
+    top = float(ev.max()) if ev.numel() else 0.0
+    keep = ev > tol * max(top, 0.0)
+    if not bool(keep.any()):
+        return 0.0
+    return float(pca_factors(ev, lam, tol)[keep].mean())
 
 
 def search_lambda(
@@ -335,7 +350,7 @@ def build_refinement(
             patch = ChannelScale(factors) if lam > 0 else None
         else:
             values, vectors = layer.basis()
-            lam, mean = search_lambda(lambda l: float(pca_factors(values, l).mean()), tau, float(values.max()))
+            lam, mean = search_lambda(lambda l: pca_mean_factor(values, l), tau, float(values.max()))
             factors = pca_factors(values, lam)
             patch = _pca_patch(layer, factors, vectors) if lam > 0 else None
         layers.append({
@@ -417,7 +432,8 @@ def check_config(config: EgemConfig) -> None:
 
 
 def _pca_warnings(stats: dict[str, LayerStats]) -> list[str]:
-    """Warn where the centred covariance cannot have full rank (n unique samples span at most n − 1 directions)."""
+    """Warn where the centred covariance cannot have full rank (n unique samples span at most n − 1 directions); τ
+    then targets the mean factor over the directions with variance only (`pca_mean_factor`)."""
     warnings = []
     for layer in stats.values():
         if layer.cov is None:
@@ -426,7 +442,7 @@ def _pca_warnings(stats: dict[str, LayerStats]) -> list[str]:
         if layer.unique <= d:
             what = "positions" if layer.pca_mode == "position" else "samples"
             warnings.append(f"PCA-EGEM on '{layer.name}': only {layer.unique} unique {what} for {d} dims; "
-                            "directions outside their span are removed")
+                            "directions outside their span are removed and τ applies to the rest")
     return warnings
 
 

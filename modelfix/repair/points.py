@@ -2,8 +2,9 @@
 
 Points come from one dry run (methods_posthoc.md §5): execution order, call counts and per-item output shapes.
 `--layers auto` gives the family defaults (ResNet stages, VGG pools and classifier ReLUs, DenseNet transitions)
-or, for small nets, every activation module that follows a Conv/Linear (BatchNorm allowed in between), runs once
-and comes before the final Linear. A module that runs more than once per forward pass (the shared `relu` of a
+or, for small nets, the input of each Conv/Linear after the first: every activation module that follows a Conv/Linear
+(BatchNorm allowed in between), moved on through the pooling/flatten leaves after it, up to the final Linear (the EGEM
+paper's MNIST points `pool1, flatten, relu3`). A module that runs more than once per forward pass (the shared `relu` of a
 torchvision BasicBlock) can never be a point: one forward hook cannot tell its calls apart.
 """
 
@@ -181,20 +182,34 @@ def _family_defaults(net: nn.Module) -> list[str] | None:
 
 
 def _generic_defaults(trace: _Trace) -> list[str]:
-    """Activation modules that follow a Conv/Linear (BatchNorm between allowed), run once, precede the last Linear."""
+    """The input of every parametric layer after the first, up to the last Linear: for each activation module that
+    follows a Conv/Linear (BatchNorm between allowed), the point moves on through the parameter-free leaves after it
+    (pooling, flatten, dropout) to the last one before the next Conv/Linear. That is where the EGEM reference code
+    patches (the input of conv2, fc1, fc2 on its MNIST net: `pool1, flatten, relu3`), and it puts a flattened point,
+    where every unit is one channel at one position, between the convs and the classifier: channel factors alone
+    cannot single out a position (a corner artifact; docs/benchmarks.md)."""
     leaves = [name for name in trace.order if next(iter(trace.modules[name].children()), None) is None]
     linears = [i for i, name in enumerate(leaves) if isinstance(trace.modules[name], nn.Linear)]
     end = linears[-1] if linears else len(leaves)
-    found, producer = [], None
+    usable = lambda name: trace.calls[name] == 1 and trace.shapes[name] is not None and len(trace.shapes[name]) in (1, 3)  # noqa: E731
+    found, producer, pending = [], None, None
     for name in leaves[:end]:
         module = trace.modules[name]
-        if isinstance(module, ACTIVATIONS):
-            shape = trace.shapes[name]
-            convish = isinstance(producer, (nn.Linear, nn.modules.conv._ConvNd))
-            if convish and trace.calls[name] == 1 and shape is not None and len(shape) in (1, 3):
-                found.append(name)
-        if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _BATCHNORM):
-            producer = module
+        parametric = any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _BATCHNORM)
+        if parametric:
+            if pending is not None:
+                found.append(pending)
+            pending, producer = None, module
+            continue
+        if pending is not None:
+            if usable(name):
+                pending = name  # pooling / flatten / another activation after the activation: move on
+            continue
+        if isinstance(module, ACTIVATIONS) and isinstance(producer, (nn.Linear, nn.modules.conv._ConvNd)) \
+                and usable(name):
+            pending = name
+    if pending is not None:
+        found.append(pending)
     return found
 
 

@@ -9,8 +9,10 @@
   With `ramp` (Heo's schedules, §3.1, updated at the start of each epoch e of E, counted from 0):
       α_e = α₀ − 0.5·α₀·e/E,     ε_e = ε_start + ε·e/E
   (α ends near α₀/2 and ε near ε_start + ε, not at ε: Heo's ε_max is an increment). Without it α and ε are constant,
-  as in R4's DecoyMNIST table (§2.7). `rrr` > 0 adds Heo's IBP-Ex+RRR term λ_rrr·Σ_b Σ_pixels |M ⊙ ∂(Σ_k z_k)/∂x|
-  (L1, summed over the batch).
+  as in R4's DecoyMNIST table (§2.7). `rrr` > 0 adds Heo's IBP-Ex+RRR term λ_rrr·Σ_b Σ_pixels |M ⊙ ∂(Σ_k f_k)/∂z|
+  (L1, summed over the batch), with z = (x − mean)/std the network input: the package's convention for input
+  gradients (rrr.py), and Heo's, whose inputs are the normalised images (§3.4), so λ_rrr = 1 keeps Heo's meaning.
+  (Until issue 18 this differentiated with respect to pixels, a term 1/std larger.)
 
 Both need a network the interval module supports (Linear, Conv2d, ReLU, pools, eval BatchNorm, Flatten, Residual);
 any other layer is refused in one line naming it.
@@ -25,11 +27,13 @@ from torch import nn
 from modelfix.errors import ModelfixError
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.pgd_ex import check_eps
-from modelfix.repair.guidance.rrr import check_weight, eval_mode, pixel_mask
+from modelfix.repair.guidance.rrr import check_weight, eval_mode, network_input, pixel_mask
 from modelfix.repair.intervals import input_gradient_bounds, interval_forward, masked_box
 from modelfix.repair.registry import objective
 from modelfix.training import task_loss
 
+# Heo's optimiser for Heo's methods (methods_guided_finetunes.md §3.4, §7 item 14); the R4 methods take R4's table.
+HEO_SETUP = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4}
 R4_PAPER = 'R4, "Robustly Right for the Right Reasons" (code: Mihneaghitu/ModelGuidanceViaRobustFeatureAttribution)'
 HEO_PAPER = 'Heo et al. 2023, "Use Perturbations when Learning from Explanations" (code: vihari/robust_mlx)'
 
@@ -50,7 +54,7 @@ class CertR4(GuidedObjective):
     defaults = {"lam": 15.0, "eps": 0.5}
 
     def __init__(self, lam: float = 15.0, eps: float = 0.5, loss: str = "ce"):
-        if loss != "ce":
+        if loss not in ("ce", "double-softmax"):  # double-softmax: R4's task term; the bounds stay single-softmax CE
             raise ModelfixError("r4-cert bounds the cross-entropy gradient; use --loss ce")
         self.lam = check_weight(lam, "r4-cert lam")
         self.eps = check_eps(eps)
@@ -80,23 +84,25 @@ def worst_case_logits(z_lower: torch.Tensor, z_upper: torch.Tensor, y: torch.Ten
 
 
 @objective("IBP-Ex plus λ·L1 of the masked gradient of the logit sum (Heo's combination)", name="ibp-ex-rrr",
-           defaults={"alpha": 0.5, "eps": 0.25, "rrr": 1.0, "ramp": False, "eps_start": 0.0}, needs_masks=True,
-           weight="rrr", train_defaults={"optimizer": "adam", "lr": 1e-3})
+           defaults={"alpha": 0.5, "eps": 0.2, "rrr": 1.0, "ramp": False, "eps_start": 0.0}, needs_masks=True,
+           weight="rrr", train_defaults=HEO_SETUP)
 @objective("α·CE + (1 − α)·CE of the worst-case logits over x ± ε·M (interval bounds)", needs_masks=True,
-           train_defaults={"optimizer": "adam", "lr": 1e-3})
+           train_defaults=HEO_SETUP)
 class IBPEx(GuidedObjective):
     """Objective α·CE + (1 − α)·CE(ẑ) (+ λ_rrr·L1 masked logit-sum gradient); module docstring. `task` is α·CE,
-    `penalty` the rest, so `loss = task + penalty` (the weights are inside, no extra λ). Defaults: α 0.5 (Heo's
-    ramp ends there), ε 0.25 (R4's table for IBP-Ex), rrr 0 (IBP-Ex) or 1 (Heo's IBP-Ex+RRR)."""
+    `penalty` the rest, so `loss = task + penalty` (the weights are inside, no extra λ). Defaults, all from Heo
+    (methods_guided_finetunes.md §3.1, §3.4; the registry adds Heo's AdamW lr 3e-4, wd 1e-4): α 0.5 (where Heo's
+    ramp ends; the ramp itself is opt-in), ε 0.2 px (Heo's ε_max = 1 in CIFAR-normalised units, std ≈ 0.2), rrr 0
+    (IBP-Ex) or 1 (Heo's IBP-Ex+RRR). `bench r4-mnist` passes R4's table instead."""
 
     name = "ibp-ex"
     paper = HEO_PAPER
-    defaults = {"alpha": 0.5, "eps": 0.25, "rrr": 0.0, "ramp": False, "eps_start": 0.0}
+    defaults = {"alpha": 0.5, "eps": 0.2, "rrr": 0.0, "ramp": False, "eps_start": 0.0}
     weight_attr = None  # the penalty carries its own weights (1 − α, rrr)
 
-    def __init__(self, alpha: float = 0.5, eps: float = 0.25, rrr: float = 0.0, ramp: bool = False,
+    def __init__(self, alpha: float = 0.5, eps: float = 0.2, rrr: float = 0.0, ramp: bool = False,
                  eps_start: float = 0.0, loss: str = "ce"):
-        if loss != "ce":
+        if loss not in ("ce", "double-softmax"):  # double-softmax: R4's task term; the bound term stays CE
             raise ModelfixError("ibp-ex uses cross-entropy on the worst-case logits; use --loss ce")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ModelfixError(f"--alpha must lie in [0, 1] for ibp-ex, got {alpha}")
@@ -128,8 +134,8 @@ class IBPEx(GuidedObjective):
         penalty = (1 - self.alpha) * F.cross_entropy(worst_case_logits(z_lower, z_upper, y[has]), y[has])
         if self.rrr > 0:
             with eval_mode(model):
-                xr = x.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(model(xr).sum(), xr, create_graph=True)
+                net, z = network_input(model, x)  # gradient w.r.t. the normalised input (module docstring)
+                (grad,) = torch.autograd.grad(net(z).sum(), z, create_graph=True)
             penalty = penalty + self.rrr * (mask * grad).abs().sum()
         return penalty
 

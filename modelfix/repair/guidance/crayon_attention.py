@@ -12,7 +12,9 @@ task = mean_n CE_n, penalty = (α Σ_R L_rel + β Σ_I L_irrel)/|B|. α and β a
 
 `variant="normalized"` is the released (BigData'24) code's loss, not the preprint's:
 L_rel = Σ M'(1−M)/Σ(1−M), L_irrel = Σ M'M/ΣM, CE summed, and α, β divided by the number of yes / no verdicts in
-the whole feedback set; it too is divided by |B| here (under Adam only the effective weight decay changes). A map
+the whole feedback set. Only the frozen original map M is max-normalised there; the current map M' is the raw
+Grad-CAM (or input-gradient map), so the loss scales with the logits (scale the head by c and the map terms scale by
+c), and the released α, β are calibrated to that scale; it too is divided by |B| here (under Adam only the effective weight decay changes). A map
 term whose denominator is 0 (M ≡ 1 for L_rel, which happens when the original map was all zero) is 0, since its
 numerator is 0 too.
 
@@ -56,7 +58,8 @@ def frozen_maps(model: nn.Module, data, layer: str | None = None, batch_size: in
 
 
 def map_terms(current: Tensor, original: Tensor, variant: str) -> tuple[Tensor, Tensor]:
-    """(L_rel, L_irrel) per item for current maps M' and frozen maps M (both N×h×w), module docstring."""
+    """(L_rel, L_irrel) per item for current maps M' and frozen normalised maps M (both N×h×w), module docstring;
+    M' is normalised for the preprint variant and raw for the released one (the caller's job)."""
     rel = (current * (1 - original)).sum(dim=(1, 2))
     irrel = (current * original).sum(dim=(1, 2))
     if variant == "normalized":
@@ -137,7 +140,9 @@ class CrayonAttention(GuidedObjective):
         use_no = no if self.beta > 0 else torch.zeros_like(no)
         if not bool(use_yes.any() or use_no.any()):
             return task, task.new_zeros(())
-        current = normalise_maps(saliency_maps(model, x, y, self.layer, create_graph=True))
+        current = saliency_maps(model, x, y, self.layer, create_graph=True)
+        if self.variant == "preprint":  # the released code leaves M' raw (module docstring)
+            current = normalise_maps(current)
         original = self.maps[index].to(current.device, current.dtype)
         if current.shape != original.shape:
             raise ModelfixError(f"crayon-attention maps changed shape ({tuple(original.shape[1:])} → "

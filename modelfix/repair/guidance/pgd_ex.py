@@ -65,6 +65,8 @@ def per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") ->
     """The task loss of each example (N,); its batch mean is `task_loss(loss)(logits, y)`."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
+    if loss == "double-softmax":  # R4's task loss (training.task_loss)
+        return F.cross_entropy(F.softmax(logits, dim=1), y, reduction="none")
     target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
 
@@ -123,7 +125,7 @@ def pgd_in_box(
 
 
 @objective("adversarial training on the task loss inside the masked box (PGD, ≈5.5× ERM)", needs_masks=True,
-           weight="lam", train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4})
+           weight="lam", train_defaults={"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4})  # Heo's
 class PGDEx(GuidedObjective):
     """Objective `CE(x) + λ·CE(x*)` (module docstring); parts "task" = CE(x), "penalty" = the adversarial term."""
 

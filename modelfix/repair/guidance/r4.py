@@ -13,8 +13,9 @@ the network input, as in rrr.py. The three objectives differ in how they reach t
 - `R4Rand` (Rand-R4): max over n draws δ_s ~ U(−ε, ε)·M (two-sided, masked): mean_b max_s J_b(x_b + δ_s);
 - `R4Adv` (Adv-R4): PGD *on J itself* (sign steps of ε/4, projection onto the box; each step a Hessian-vector
   product, taken without create_graph and with the iterate detached), then J at the adversarial point;
-- `SmoothRRR` (Smooth-RRR, R4's baseline): the RRR penalty averaged over n SmoothGrad-style noisy copies with noise
-  on the whole image, δ_s ~ U(−ε, ε) on every pixel: mean_b mean_s J_b(x_b + δ_s).
+- `SmoothRRR` (Smooth-RRR, R4's baseline): the RRR penalty of the SmoothGrad-style mean gradient over n noisy copies
+  with noise on the whole image, δ_s ~ U(−ε, ε) on every pixel: mean_b ‖M ⊙ mean_s ∇_z ℓ(x_b + δ_s, y_b)‖² (R4's
+  App. C, "mean of the gradients", and the repo's code average the gradients before taking the norm).
 
 These are NOT the R4 repository's variants, which are inert or negligible (§2.4, §6 items 12 and 14): its Adv-R4
 ascends the task CE with step ε and builds the penalty from `.grad.data` (no gradient reaches θ); its Rand-R4 and
@@ -71,14 +72,20 @@ def _differentiable_input(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module,
     return net, (z if z.requires_grad else z.detach().requires_grad_(True))
 
 
-def masked_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                          loss: str = "ce") -> torch.Tensor:
-    """J_b = ‖M_b ⊙ ∂ℓ(x_b, y_b)/∂z_b‖² per example (N,), `mask` N×H×W; eval mode, `create_graph=True`, so J is
+def masked_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                     loss: str = "ce") -> torch.Tensor:
+    """M_b ⊙ ∂ℓ(x_b, y_b)/∂z_b per example (N×C×H×W), `mask` N×H×W; eval mode, `create_graph=True`, so it is
     differentiable in θ and in x."""
     with eval_mode(model):
         net, z = _differentiable_input(model, x)
         (grad,) = torch.autograd.grad(explained_scalar(net(z), y, "loss", loss), z, create_graph=True)
-    return (mask[:, None] * grad).pow(2).flatten(1).sum(dim=1)
+    return mask[:, None] * grad
+
+
+def masked_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                          loss: str = "ce") -> torch.Tensor:
+    """J_b = ‖M_b ⊙ ∂ℓ(x_b, y_b)/∂z_b‖² per example (N,), `mask` N×H×W; differentiable in θ and in x."""
+    return masked_gradients(model, x, y, mask, loss).pow(2).flatten(1).sum(dim=1)
 
 
 class _R4Objective(GuidedObjective):
@@ -144,10 +151,10 @@ class R4Rand(_R4Objective):
 @objective("penalise masked input gradients averaged over noisy copies of the image", needs_masks=True,
            weight="lam", train_defaults={"optimizer": "adam", "lr": 1e-3})
 class SmoothRRR(_R4Objective):
-    """Smooth-RRR: λ · mean_b mean_{s ≤ n} ‖M ⊙ ∇ℓ(x_b + δ_s)‖², δ_s ~ U(−ε, ε) on every pixel (module docstring).
+    """Smooth-RRR: λ · mean_b ‖M ⊙ mean_{s ≤ n} ∇ℓ(x_b + δ_s)‖², δ_s ~ U(−ε, ε) on every pixel (module docstring).
 
-    The mean of squared norms is the expected RRR penalty under the noise (≥ the squared norm of the SmoothGrad
-    mean gradient, by Jensen); it penalises every noisy copy's masked gradient, not only their average."""
+    The norm of the averaged (SmoothGrad) gradient, as R4's App. C and code; before issue 18 this was the mean of the
+    per-copy squared norms, which is larger (Jensen) and penalises each copy's noise, not the smoothed explanation."""
 
     name = "smooth-rrr"
     paper = PAPER + ", Smooth-RRR baseline (SmoothGrad noise on the whole image)"
@@ -161,7 +168,10 @@ class SmoothRRR(_R4Objective):
 
     def masked_penalty(self, model, x, y, mask):
         deltas = masked_uniform(x, torch.ones_like(x), self.eps, self.samples, self.generator)
-        return _on_copies(model, x, y, mask, deltas, self.loss).mean(dim=0).sum()
+        n = deltas.shape[0]
+        copies = (x.unsqueeze(0) + deltas).flatten(0, 1)  # one batch of n·N (eval mode: the copies do not interact)
+        grads = masked_gradients(model, copies, y.repeat(n), mask.repeat(n, 1, 1), self.loss)
+        return grads.view(n, *x.shape).mean(dim=0).pow(2).flatten(1).sum(dim=1).sum()
 
 
 @objective("penalise the masked input gradient at a PGD worst case in the masked box", needs_masks=True,

@@ -103,7 +103,9 @@ def explained_scalar(logits: torch.Tensor, y: torch.Tensor, target: str, loss: s
     if target == "logit-sum":
         return logits.sum()
     if target == "loss":
-        return task_loss(loss)(logits, y) * logits.shape[0]  # batch mean × N = sum of per-example losses
+        # R4's regularisers explain the single-softmax CE of the logits even where its task term is double-softmax
+        explained = "ce" if loss == "double-softmax" else loss
+        return task_loss(explained)(logits, y) * logits.shape[0]  # batch mean × N = sum of per-example losses
     raise ModelfixError(f"RRR target must be one of {', '.join(TARGETS)}, not '{target}'")
 
 

@@ -35,24 +35,25 @@ _LAYERS_HINT = "name conv feature maps with --layers, e.g. --layers conv1,conv2 
 
 def downscale_masks(mask: torch.Tensor, sizes: Sequence[int | tuple[int, int]]) -> list[torch.Tensor]:
     """The mask at each size in `sizes` (N×1×H×W in, one N×1×h×w per size), downscaled PROGRESSIVELY as TAP's code:
-    each stage starts from the previous stage's mask, with k = ⌊H_cur/h⌋ and r = h/(H_cur/k):
+    each stage starts from the previous stage's mask, with k = ⌊W_cur/w⌋ and r = w/(W_cur/k) from the WIDTH, as TAP's
+    code (it reads the last dimension; until issue 18 this took the height, which differs on non-square inputs):
 
         if k > 1:  M ← AvgPool(k, stride k)(MaxPool(3, stride 1, pad 1)(M))     (3×3 dilation, fixed-kernel average)
         if r < 1:  M ← nearest resize with scale factor r                       (F.interpolate default mode)
 
-    k and r come from the height, as in TAP. Where this does not land on h×w (non-square maps with other ratios, a
-    map larger than the current mask, k = 0, or a mask narrower than k) the stage falls back to a nearest resize to
-    exactly (h, w) — a deviation TAP never meets on its square nets.
+    Where this does not land on h×w (non-square maps with other ratios, a map larger than the current mask, k = 0, or
+    a mask shorter than k) the stage falls back to a nearest resize to exactly (h, w), where TAP's code stops with a
+    size check; on its square nets this never happens.
     """
     current, out = mask, []
     for size in sizes:
         h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        height = current.shape[-2]
-        k = height // h
-        if 1 <= k <= current.shape[-1]:  # (a map wider than tall can have fewer columns than k: resize below)
+        width = current.shape[-1]
+        k = width // w
+        if 1 <= k <= current.shape[-2]:  # (a mask wider than tall can have fewer rows than k: resize below)
             if k > 1:
                 current = F.avg_pool2d(F.max_pool2d(current, 3, stride=1, padding=1), k, stride=k)
-            ratio = h / (height / k)
+            ratio = w / (width / k)
             if ratio < 1:
                 current = F.interpolate(current, scale_factor=ratio)
         if tuple(current.shape[-2:]) != (h, w):

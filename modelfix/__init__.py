@@ -6,9 +6,7 @@ Names are imported on first use, so `import modelfix` (and `modelfix --version`)
 
 import importlib
 
-# Loaded first so that the public function `repair` below keeps the name `modelfix.repair` (the subpackage stays
-# reachable as `modelfix.repair.<module>` through the import system).
-from . import repair as _repair_package  # noqa: F401
+from . import repair  # a callable package: `modelfix.repair(model, data, method, **options)`
 
 __version__ = "0.1.0"
 
@@ -20,13 +18,6 @@ _PUBLIC = {
     "RepairResult": "repair.result", "list_methods": "repair.registry", "get_method": "repair.registry",
     "compare": "app.compare",
 }
-
-
-def repair(model, data=None, method: str = "pca-egem", **options):
-    """Repair a copy of `model` with `method` and return a `RepairResult` (`modelfix.app.repair.repair`)."""
-    from .app.repair import repair as run
-
-    return run(model, data, method, **options)
 
 
 def __getattr__(name: str):

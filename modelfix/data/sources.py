@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import safe_json
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
 from .decode import READ_ERRORS, open_image, scan
@@ -183,8 +184,8 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
         meta_path = root / "dataset.json"
         if meta_path.is_file():
             try:
-                saved = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as exc:
+                saved = safe_json.loads(meta_path.read_bytes(), str(meta_path), error=DataError)
+            except OSError as exc:
                 raise DataError(f"cannot read {meta_path}: {exc}") from None
         image_root = root / "images"
     else:

@@ -309,3 +309,18 @@ def test_non_zip_npz_says_so(tmp_path):
     with pytest.raises(DataError, match="not a valid npz") as err:
         load_data(tmp_path / "x.npz")
     assert "allow_pickle" not in str(err.value)
+
+
+def test_one_generator_across_epochs_gives_the_training_loops_orders():
+    from modelfix.data import Dataset
+
+    data = Dataset(x=torch.arange(10.0).reshape(10, 1, 1, 1), y=torch.arange(10) % 2)
+    g_old, g_new = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(2):  # two epochs: the second order continues the same generator
+        old = torch.cat([b["index"] for b in data.batches(4, shuffle=True, generator=g_old)])
+        new = torch.cat([b["index"] for b in batches(data, 4, shuffle=True, generator=g_new)])
+        assert torch.equal(old, new)
+    assert torch.equal(torch.cat([b["x"] for b in batches(data, 3, sampler=[9, 2, 5, 0])]).flatten(),
+                       torch.tensor([9.0, 2.0, 5.0, 0.0]))
+    with pytest.raises(DataError, match="either shuffle or a sampler"):
+        next(batches(data, 2, shuffle=True, sampler=[1]))

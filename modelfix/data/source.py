@@ -50,6 +50,8 @@ class ImageSource(torch.utils.data.Dataset):
             raise DataError(f"data '{name}' holds no images")
         if channels not in (1, 3):
             raise DataError(f"data '{name}': the model takes {channels} channels; image files give 1 or 3")
+        if height < 1 or width < 1 or height * width > max_pixels:
+            raise DataError(f"data '{name}': a target size of {width}×{height} is outside 1 … {max_pixels:,} pixels")
         self.items = list(items)
         self.class_names = [str(c) for c in class_names]
         self.group_names = [str(g) for g in group_names] if group_names is not None else list(self.class_names)

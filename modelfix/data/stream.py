@@ -24,13 +24,15 @@ KEYS = ("x", "y", "mask", "has_mask", "group", "index")
 MAX_MATERIALISE_BYTES = 8 * 2**30  # to_dataset refuses more than this much float32 pixel data
 
 
-def _order(n: int, shuffle: bool, seed: int, sampler: Iterable[int] | None) -> list[int] | None:
+def _order(n: int, shuffle: bool, seed: int, sampler: Iterable[int] | None,
+           generator: torch.Generator | None) -> list[int] | None:
     if sampler is not None:
         if shuffle:
             raise DataError("pass either shuffle or a sampler (the sampler decides the order)")
         return [int(i) for i in sampler]
     if shuffle:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+        generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        return torch.randperm(n, generator=generator).tolist()
     return None
 
 
@@ -85,18 +87,21 @@ def _augment_slice(batch: dict, augment: Augment, seed: int) -> dict:
 
 def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0,
             device: str | torch.device | None = None, augment: Augment | None = None,
-            sampler: Iterable[int] | None = None, drop_last: bool = False) -> Iterator[dict[str, Tensor]]:
+            sampler: Iterable[int] | None = None, drop_last: bool = False,
+            generator: torch.Generator | None = None) -> Iterator[dict[str, Tensor]]:
     """Yield dict batches `x` (float32), `y`, `mask`, `has_mask`, `group`, `index` on `device`.
 
-    `seed` fixes the shuffle and the augmentation draws (pass seed + epoch for new ones each epoch); `workers`
-    is the DataLoader's worker processes (lazy sources only; in-memory data is sliced in this process).
+    `seed` fixes the shuffle and the augmentation draws (pass seed + epoch for new ones each epoch); a
+    `generator`, when given, draws the shuffle instead (one generator across epochs gives exactly the orders of
+    `Dataset.batches(shuffle=True, generator=...)`, as the training loop draws them today). `workers` is the
+    DataLoader's worker processes (lazy sources only; in-memory data is sliced in this process).
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
         raise DataError(f"workers must be 0 or more, got {workers}")
     device = torch.device(device) if device is not None else None
-    order = _order(len(data), shuffle, seed, sampler)
+    order = _order(len(data), shuffle, seed, sampler, generator)
     if isinstance(data, Dataset):
         if order is None:
             stream = data.batches(batch_size, drop_last=drop_last)

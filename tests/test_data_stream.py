@@ -239,6 +239,7 @@ def test_mixed_sizes_need_a_policy_and_extra_masks_are_counted(tmp_path):
         load_data(tmp_path / "d")  # the in-memory reader, as before
     data = load_data(tmp_path / "d", mask_dir=tmp_path / "m", input_spec=InputSpec(3, 8, 8, (0.5,), (0.5,)))
     assert isinstance(data, ImageSource) and data.info["extra_masks"] == 2
+    assert data.info["conversions"] == {"L → RGB": 2}  # two grey PNGs for an RGB model, stated
     batch = next(batches(data, 2))
     assert batch["x"].shape == (2, 3, 8, 8) and batch["has_mask"].tolist() == [True, False]
 

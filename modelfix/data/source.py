@@ -119,7 +119,7 @@ def check_items(items: list[Item], check: str = "header", skip_bad: bool = False
     """Scan every image (and mask) before any work: `header` opens each file's header (size, mode; no decoding),
     `decode` decodes it fully (finds truncated files too), `none` trusts the files.
 
-    Returns the kept items, the bad files ("path: why") and a count of the header modes seen. A bad file is one
+    Returns the kept items, the bad files ("path: why") and a count per (header mode, channels). A bad file is one
     DataError naming it, unless `skip_bad`, which drops its item and lists it.
     """
     if check not in CHECKS:
@@ -129,7 +129,7 @@ def check_items(items: list[Item], check: str = "header", skip_bad: bool = False
         try:
             if check != "none":
                 head = scan(it.path, max_pixels)
-                modes[head.mode] = modes.get(head.mode, 0) + 1
+                modes[(head.mode, head.channels)] = modes.get((head.mode, head.channels), 0) + 1
                 if it.mask is not None:
                     scan(it.mask, max_pixels)
                 if check == "decode":
@@ -226,6 +226,26 @@ def manifest_items(path, columns: Columns = Columns(), class_names=None) -> tupl
     return items, names, group_names, {"source": "manifest", "path": str(path)}
 
 
+def _counts(modes: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (mode, _), n in modes.items():
+        out[mode] = out.get(mode, 0) + n
+    return out
+
+
+def conversions(modes: dict, channels: int) -> dict[str, int]:
+    """The conversions the files will go through, stated for the report: `{"RGBA → RGB": 3, "L → RGB": 2}` (files
+    already 8-bit grey for a grey model, or RGB for an RGB one, are not listed)."""
+    target = "RGB" if channels == 3 else "grey"
+    out: dict[str, int] = {}
+    for (mode, have), n in modes.items():
+        if (mode, have, channels) in (("L", 1, 1), ("RGB", 3, 3)) or mode == "npy:uint8" and have == channels:
+            continue
+        note = f"{mode} → {target}" + (" (alpha dropped)" if "A" in mode and not mode.startswith("npy") else "")
+        out[note] = out.get(note, 0) + n
+    return out
+
+
 def open_source(spec, channels: int | None = None, height: int | None = None, width: int | None = None,
                 resize: str = "shorter", crop_pct: float = CROP_PCT, mask_dir=None, class_names=None,
                 columns: Columns = Columns(), check: str = "header", skip_bad: bool = False,
@@ -252,12 +272,12 @@ def open_source(spec, channels: int | None = None, height: int | None = None, wi
     items, bad, modes = check_items(items, check, skip_bad, max_pixels)
     if not items:
         raise DataError(f"data {path}: all {n_listed} images are unreadable", hint=bad[0] if bad else None)
-    info = {**info, "skipped": bad, "modes": modes}
     if channels is None or height is None or width is None:
         head = scan(items[0].path, max_pixels)
         channels = channels or head.channels
         if height is None or width is None:
             height, width, resize = head.height, head.width, "none"
+    info = {**info, "skipped": bad, "modes": _counts(modes), "conversions": conversions(modes, channels)}
     return ImageSource(items, names, channels, height, width, resize=resize, crop_pct=crop_pct,
                        group_names=group_names, name=path.stem if path.is_file() else (path.name or str(path)),
                        info=info, max_pixels=max_pixels)

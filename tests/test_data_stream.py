@@ -205,7 +205,8 @@ def test_dataloader_equals_in_memory_bit_for_bit(tmp_path):
             Image.fromarray(_png_rgb).save(tmp_path / "d" / cls / f"{i}.png")
             if i % 2:
                 (tmp_path / "m" / cls).mkdir(parents=True, exist_ok=True)
-                Image.fromarray((rng.random((9, 7)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "m" / cls / f"{i}.png")
+                mask = (rng.random((9, 7)) > 0.5).astype(np.uint8) * 255
+                Image.fromarray(mask).save(tmp_path / "m" / cls / f"{i}.png")
     memory = load_folder(tmp_path / "d", mask_dir=tmp_path / "m")  # the old whole-tensor reader
     lazy = open_source(tmp_path / "d", 3, 9, 7, resize="none", mask_dir=tmp_path / "m")
     assert lazy.y.tolist() == [0] * 5 + [1] * 5 + [2] * 5  # classes a, b, c in sorted order

@@ -206,7 +206,8 @@ def folder_items(root, mask_dir=None, class_names=None) -> tuple[list[Item], lis
     return items, names, info
 
 
-def manifest_items(path, columns: Columns = Columns(), class_names=None) -> tuple[list[Item], list[str], list[str], dict]:
+def manifest_items(path, columns: Columns = Columns(),
+                   class_names=None) -> tuple[list[Item], list[str], list[str], dict]:
     """Items of a `.csv`/`.tsv` manifest: labels are class names (mapped onto `class_names` when given); groups
     are names too (sorted), the label when the row has none."""
     rows = read_manifest(path, columns)

@@ -100,6 +100,8 @@ def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False,
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
         raise DataError(f"workers must be 0 or more, got {workers}")
+    if not isinstance(data, (Dataset, ImageSource)):
+        raise DataError(f"cannot batch a {type(data).__name__}; expected a Dataset or an ImageSource")
     device = torch.device(device) if device is not None else None
     order = _order(len(data), shuffle, seed, sampler, generator)
     if isinstance(data, Dataset):
@@ -116,8 +118,6 @@ def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False,
                 batch = _augment_slice(batch, augment, seed)
             yield _to(dict(batch), device)
         return
-    if not isinstance(data, ImageSource):
-        raise DataError(f"cannot batch a {type(data).__name__}; expected a Dataset or an ImageSource")
     loader = torch.utils.data.DataLoader(
         _Augmented(data, augment, seed), batch_size=batch_size, sampler=order, num_workers=workers,
         collate_fn=collate, pin_memory=device is not None and device.type == "cuda", drop_last=drop_last)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from modelfix import safe_json
 from modelfix.errors import CheckpointError, ModelfixError
 
 SCHEMA = "modelfix.card/v1"
@@ -237,10 +238,7 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"model card is not valid JSON ({e})") from None
+        data = safe_json.loads(text, "model card", error=CheckpointError)  # bounded: cards come from anywhere
         return cls.from_dict(data)
 
     def to_metadata(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelfix import safe_json
 from modelfix.card import InputSpec, ModelCard
 from modelfix.errors import ArchitectureMismatch, CheckpointError, ModelfixError
 from modelfix.repair.patches import PATCH_PREFIX, apply_patches, patch_state
@@ -26,12 +27,14 @@ from modelfix.zoo import (
     default_input_spec,
     first_conv,
     get_arch,
+    is_factory,
     last_linear,
     list_architectures,
 )
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training scripts commonly nest the state dict (timm's sniffing list, plus a few).
+CONFIG_NAME = "config.json"  # timm save_for_hf / Hugging Face layout beside the weights
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "net")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 TRUST_HINT = (
@@ -188,6 +191,81 @@ def _read_card(path: Path, metadata: Mapping[str, str]) -> ModelCard | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# config.json (timm's save_for_hf layout: model.safetensors + config.json)
+
+
+def config_overrides(config_path: Path) -> ModelOverrides | None:
+    """What a timm/HF-style `config.json` says: `architecture`, `num_classes`, `label_names`, and the input
+    (`input_size` [C, H, W], `mean`, `std`) at the top level or under `pretrained_cfg`. None when the file is
+    absent or names none of these (another tool's config). A timm name becomes `timm:<name>` when timm is
+    installed and knows it, else it is read as a modelfix or torchvision name."""
+    if not config_path.is_file():
+        return None
+    try:
+        raw = config_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {config_path}: {e}") from None
+    cfg = safe_json.loads(raw, str(config_path), error=CheckpointError)
+    if not isinstance(cfg, dict):
+        return None
+    pre = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    merged = {**pre, **{k: v for k, v in cfg.items() if k != "pretrained_cfg"}}
+    known = ("architecture", "num_classes", "label_names", "input_size", "mean", "std")
+    if not any(k in merged for k in known):
+        return None
+
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{config_path}: '{key}' {why}")
+
+    o = ModelOverrides()
+    arch = merged.get("architecture")
+    if arch is not None:
+        if not isinstance(arch, str) or not arch:
+            raise bad("architecture", "must be a name")
+        o.arch = f"timm:{arch}" if ":" not in arch and timm_knows(arch) else arch
+    names = merged.get("label_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise bad("label_names", "must be a list of names")
+        o.class_names = [str(n) for n in names]
+    k = merged.get("num_classes")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise bad("num_classes", "must be a positive integer")
+        o.num_classes = k
+    size = merged.get("input_size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise bad("input_size", "must be [channels, height, width]")
+        o.in_channels, o.input_size = size[0], (size[1], size[2])
+    for key in ("mean", "std"):
+        value = merged.get(key)
+        if value is not None:
+            if not (isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)):
+                raise bad(key, "must be a list of numbers")
+            setattr(o, key, tuple(float(v) for v in value))
+    return o
+
+
+def timm_knows(name: str) -> bool:
+    """True when timm is installed and has an architecture `name`."""
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+
+
+def _with_config(o: ModelOverrides, config_path: Path) -> ModelOverrides:
+    """The user's overrides, with the config's values where the user gave none."""
+    cfg = config_overrides(config_path)
+    if cfg is None:
+        return o
+    return ModelOverrides(**{f.name: getattr(o, f.name) if getattr(o, f.name) is not None else getattr(cfg, f.name)
+                             for f in dataclasses.fields(ModelOverrides)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # card resolution
 
 
@@ -205,7 +283,7 @@ def _probe_net(arch: str, in_channels: int, input_size: tuple[int, int], arch_kw
 
 
 def _resolve_card(
-    path: Path, card: ModelCard | None, o: ModelOverrides, state: Mapping[str, torch.Tensor]
+    path: Path, card: ModelCard | None, o: ModelOverrides, state: Mapping[str, torch.Tensor], trust: bool = False
 ) -> ModelCard:
     """Apply explicit overrides to the card; without a card, build one from --arch, inferring what is not given.
 
@@ -217,6 +295,10 @@ def _resolve_card(
             f"checkpoint {path} has no model card; pass --arch (one of {', '.join(list_architectures())})"
         )
     arch = o.arch or card.arch  # type: ignore[union-attr]
+    if o.arch is None and is_factory(arch) and not trust:
+        raise CheckpointError(
+            f"checkpoint {path}'s card names the Python factory '{arch}'; importing it runs code",
+            hint=f"pass --arch {arch} (or --trust-checkpoint) if you trust it")
     get_arch(arch)  # unknown name -> ModelfixError listing the known ones
     same_arch = card is not None and arch == card.arch
     arch_kwargs = dict(card.arch_kwargs) if same_arch else {}
@@ -337,7 +419,10 @@ def load_model(
             )
     state, patch_tensors = _clean_state_dict(raw)
 
-    card = _resolve_card(path, _read_card(path, metadata), overrides, state)
+    card = _read_card(path, metadata)
+    if card is None:  # a timm/HF config.json beside the weights fills what the user did not say
+        overrides = _with_config(overrides, path.parent / CONFIG_NAME)
+    card = _resolve_card(path, card, overrides, state, trust)
     model = build_model(card)
     _check_fit(path, card, model.net, state)
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,19 +269,122 @@ ARCHITECTURES: dict[str, ArchInfo] = {
 }
 
 
+MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights (ViT-g size): larger nets are refused before allocation
+MAX_INPUT_PIXELS = 2**26  # 8192×8192: a larger input size is refused before a dry run allocates it
+TIMM_PREFIX = "timm:"
+
+
 def list_architectures() -> list[str]:
-    """Registered architecture names, in registry order."""
+    """Registered architecture names, in registry order (any torchvision classification model, a timm model
+    and a `package.module:factory` are accepted too; see `get_arch`)."""
     return list(ARCHITECTURES)
 
 
-def get_arch(arch: str) -> ArchInfo:
-    """The registry entry for `arch`; an unknown name raises ModelfixError listing the known ones."""
+@functools.lru_cache(maxsize=1)
+def torchvision_models() -> tuple[str, ...]:
+    """Every torchvision classification model name (`torchvision.models.list_models(module=torchvision.models)`)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_spec(name: str) -> InputSpec:
+    """The input torchvision's default weights were trained on (crop size, mean, std), read from the weights'
+    transform preset (no download); ImageNet 224 when the model has no weights."""
+    import torchvision
+
     try:
+        preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        size = int(preset.crop_size[0])
+        return InputSpec(3, size, size, tuple(preset.mean), tuple(preset.std))
+    except (AttributeError, KeyError, ValueError, IndexError, TypeError):
+        return _IMAGENET
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def _timm_info(name: str) -> ArchInfo:
+    timm = _timm()
+    if timm is None:
+        raise ModelfixError(f"architecture '{name}' needs timm, which is not installed",
+                            hint="pip install 'modelfix[timm]'")
+    if not timm.is_model(name):
+        raise ModelfixError(f"unknown timm architecture '{name}'", hint="see timm.list_models()")
+
+    def build(num_classes: int, in_channels: int, input_size: tuple[int, int], **kwargs) -> nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    spec = _IMAGENET
+    if cfg is not None and cfg.input_size:
+        c, h, w = cfg.input_size
+        spec = InputSpec(int(c), int(h), int(w), tuple(cfg.mean), tuple(cfg.std))
+    return ArchInfo(build, f"{name} (timm, pretrained=False)", "timm", spec)
+
+
+def _factory_info(path: str) -> ArchInfo:
+    """`package.module:factory`: the user's own callable returning an nn.Module."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ModelfixError(f"architecture '{path}' is not package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise ModelfixError(f"cannot import module '{module_name}' of architecture '{path}': "
+                            f"{type(e).__name__}: {e}", hint="check PYTHONPATH and the module name") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelfixError(f"module '{module_name}' has no callable '{attr}' (architecture '{path}')")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+
+    def build(num_classes: int, in_channels: int, input_size: tuple[int, int], **kwargs) -> nn.Module:
+        # num_classes always; in_channels and input_size only when the factory takes them
+        extra = {k: v for k, v in (("in_channels", in_channels), ("input_size", input_size))
+                 if takes_all or k in accepted}
+        net = factory(num_classes=num_classes, **extra, **kwargs)
+        if not isinstance(net, nn.Module):
+            raise ModelfixError(f"factory '{path}' returned a {type(net).__name__}, not an nn.Module")
+        return net
+
+    return ArchInfo(build, f"{path} (user factory)", path, _IMAGENET)
+
+
+def is_factory(arch: str) -> bool:
+    """True for a `package.module:factory` architecture (importing it runs the user's code)."""
+    return ":" in arch and not arch.startswith(TIMM_PREFIX)
+
+
+def get_arch(arch: str) -> ArchInfo:
+    """The entry for `arch`: a registered name, any torchvision classification model, `timm:<name>` (or a bare
+    timm name when timm is installed), or `package.module:factory`; anything else is one ModelfixError."""
+    if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    except KeyError:
-        raise ModelfixError(
-            f"unknown architecture '{arch}'", hint=f"use one of: {', '.join(ARCHITECTURES)}"
-        ) from None
+    if not isinstance(arch, str) or not arch:
+        raise ModelfixError(f"architecture must be a name, got {arch!r}")
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_info(arch[len(TIMM_PREFIX):])
+    if is_factory(arch):
+        return _factory_info(arch)
+    if arch in torchvision_models():
+        return ArchInfo(_torchvision(arch), f"{arch} (torchvision)", "torchvision", _torchvision_spec(arch))
+    timm = _timm()
+    if timm is not None and timm.is_model(arch):
+        return _timm_info(arch)
+    raise ModelfixError(
+        f"unknown architecture '{arch}'",
+        hint=f"use one of: {', '.join(ARCHITECTURES)}, any torchvision model (modelfix archs), "
+             "timm:<name> with timm installed, or package.module:factory",
+    ) from None
 
 
 def default_input_spec(arch: str) -> InputSpec:
@@ -287,11 +393,45 @@ def default_input_spec(arch: str) -> InputSpec:
     return InputSpec(spec.channels, spec.height, spec.width, spec.mean, spec.std, spec.value_range)
 
 
+def count_parameters(arch: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
+                     **kwargs) -> int | None:
+    """Parameters plus buffers of `arch` built on the meta device (shapes only, no memory); None when the
+    builder cannot run there (it computes values at init)."""
+    info = get_arch(arch)
+    try:
+        with torch.device("meta"):
+            net = info.builder(num_classes, in_channels, tuple(input_size), **kwargs)
+    except TypeError as e:
+        raise ModelfixError(f"bad arch_kwargs {kwargs} for '{arch}': {e}") from None
+    except ModelfixError:
+        raise
+    except (RuntimeError, NotImplementedError, ValueError):  # e.g. `.item()` on a meta tensor at init
+        return None
+    tensors = [*net.parameters(), *net.buffers()]
+    return sum(t.numel() for t in tensors if not nn.parameter.is_lazy(t))  # lazy ones have no size yet
+
+
+def check_size(arch: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
+               max_params: int = MAX_PARAMS, **kwargs) -> None:
+    """Refuse, before anything is allocated, an input above MAX_INPUT_PIXELS or a net above `max_params`."""
+    h, w = (int(v) for v in input_size)
+    if h * w > MAX_INPUT_PIXELS or in_channels > 4096 or num_classes > 10**7:
+        raise ModelfixError(f"'{arch}' with input {in_channels}×{h}×{w} and {num_classes} classes is too large "
+                            f"(input at most {MAX_INPUT_PIXELS:,} pixels, 4096 channels, 10^7 classes)",
+                            hint="check the card's input and num_classes, or --input-size")
+    n = count_parameters(arch, num_classes, in_channels, (h, w), **kwargs)
+    if n is not None and n > max_params:
+        raise ModelfixError(f"'{arch}' with {kwargs or 'default arguments'} has {n:,} parameters, above the limit "
+                            f"of {max_params:,} ({n * 4 / 2**30:.1f} GiB as float32)",
+                            hint="check the card's arch_kwargs and input size")
+
+
 def build_net(
     arch: str, num_classes: int, in_channels: int, input_size: tuple[int, int], **kwargs
 ) -> nn.Module:
-    """A freshly initialised network of a registered architecture (never downloads weights)."""
+    """A freshly initialised network (never downloads weights), its size checked on the meta device first."""
     info = get_arch(arch)
+    check_size(arch, num_classes, in_channels, input_size, **kwargs)
     try:
         return info.builder(num_classes, in_channels, tuple(input_size), **kwargs)
     except TypeError as e:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .. import safe_json
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
+from .decode import READ_ERRORS, open_image, scan
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 MASK_SUFFIXES = (".png", ".npy")
@@ -93,12 +96,13 @@ def _scale(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _open_pil(path: Path) -> Image.Image:
+    scan(path)  # header first: a file above the pixel limit is refused before its pixels are decoded
     try:
-        img = Image.open(path)
+        img = open_image(path)
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except READ_ERRORS as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -141,7 +145,7 @@ def read_mask(path) -> np.ndarray:
 # ---- folders ---------------------------------------------------------------------------------------------------
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -150,16 +154,16 @@ def _files(folder: Path, suffixes) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
 
 
-def _natural_classes(names: list[str]) -> list[str]:
+def natural_classes(names: list[str]) -> list[str]:
     """Sorted class names; numerically when every name is an integer (so folder 10 comes after folder 9)."""
     if names and all(n.isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
 
 
-def _is_saved_layout(root: Path) -> bool:
+def is_saved_layout(root: Path) -> bool:
     """True for the layout `save_folder` writes: only `images/` (and `masks/`) as subfolders."""
-    names = {p.name for p in _subdirs(root)}
+    names = {p.name for p in subdirs(root)}
     return "images" in names and names <= {"images", "masks"}
 
 
@@ -174,14 +178,14 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     saved = None
-    if _is_saved_layout(root):
+    if is_saved_layout(root):
         if mask_dir is None and (root / "masks").is_dir():
             mask_dir = root / "masks"
         meta_path = root / "dataset.json"
         if meta_path.is_file():
             try:
-                saved = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as exc:
+                saved = safe_json.loads(meta_path.read_bytes(), str(meta_path), error=DataError)
+            except OSError as exc:
                 raise DataError(f"cannot read {meta_path}: {exc}") from None
         image_root = root / "images"
     else:
@@ -190,7 +194,7 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     if mask_root is not None and not mask_root.is_dir():
         raise DataError(f"mask folder {mask_root} does not exist or is not a folder")
 
-    folders = _subdirs(image_root)
+    folders = subdirs(image_root)
     if not folders:
         loose = _files(image_root, IMAGE_SUFFIXES)
         hint = "put each class's images in its own subfolder: DIR/<class>/<file>.png"
@@ -200,7 +204,7 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     if class_names is None and saved is not None and saved.get("class_names"):
         class_names = saved["class_names"]
     if class_names is None:
-        names = _natural_classes([f.name for f in folders])
+        names = natural_classes([f.name for f in folders])
     else:
         names = [str(c) for c in class_names]
         for f in folders:
@@ -212,7 +216,7 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     files: list[Path] = []
     labels: list[int] = []
     by_name = {f.name: f for f in folders}
-    for folder in (by_name[n] for n in _natural_classes(list(by_name))):  # item order: folder names, not classes
+    for folder in (by_name[n] for n in natural_classes(list(by_name))):  # item order: folder names, not classes
         found = _files(folder, IMAGE_SUFFIXES)
         if not found and class_names is None:
             raise DataError(f"class folder {folder} holds no images (.png, .jpg, .jpeg, .npy)")
@@ -239,7 +243,8 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
             what = "channel counts" if arr.shape[0] != arrays[0].shape[0] else "sizes"
             raise DataError(f"images in {image_root} differ in {what}: {first} is "
                             f"{'×'.join(map(str, arrays[0].shape))} but {f} is {'×'.join(map(str, arr.shape))}",
-                            hint="resize or convert the images to one size and one colour mode")
+                            hint="resize or convert the images to one size and one colour mode, or give a resize "
+                                 "policy (load_data(..., input_spec=..., resize='shorter'))")
         arrays.append(arr)
     x = torch.from_numpy(np.stack(arrays))
     n, _, h, w = x.shape
@@ -251,7 +256,7 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
         if len(by_key) != len(files):
             dup = next(f for f in files if sum(g.parent == f.parent and g.stem == f.stem for g in files) > 1)
             raise DataError(f"two images share the stem '{dup.stem}' in {dup.parent}, so their masks are ambiguous")
-        for mfolder in _subdirs(mask_root):
+        for mfolder in subdirs(mask_root):
             for mfile in _files(mfolder, MASK_SUFFIXES):
                 i = by_key.get((mfolder.name, mfile.stem))
                 if i is None:
@@ -393,6 +398,10 @@ def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:
 
 def _read_bundle_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     suffix = path.suffix.lower()
+    if suffix == ".npz" and path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would try to unpickle a non-zip file and suggest allow_pickle; never do that for data
+        raise DataError(f"bundle {path} is not a valid npz (not a zip archive)",
+                        hint="write it with numpy.savez or modelfix.data.save_bundle")
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:

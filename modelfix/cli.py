@@ -550,6 +550,7 @@ def bench_egem_mnist(
 
 
 from . import cli_bench_guided, cli_crayon, cli_demo, cli_explain, cli_posthoc, cli_report, cli_train  # noqa: E402,F401  (register their commands on `app` / `bench`)
+from . import cli_discover  # noqa: E402,F401  (registers discover and bench discover)
 
 
 def main() -> None:

@@ -155,7 +155,7 @@ def bench_discover(
         return
     table = Table(title="discover: top cluster of the artifact's class, repair from discovered vs true masks")
     for col in ("scenario", "class", "score", "purity", "recall", "IoU", "gap before", "gap disc.", "gap true",
-                "closed", "clean max score", "false alarms"):
+                "closed", "clean max", "false alarms"):
         table.add_column(col, justify="right")
     for row in result["rows"]:
         table.add_row(row["scenario"], str(row["class"]), f"{row['score']:.3f}", f"{row['purity']:.3f}",

@@ -15,8 +15,21 @@ from rich.table import Table
 from .cli import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt,
                   SeedOpt, StdOpt, TrustOpt, _check_fits, _data, _data_info, _device, _load, app, bench_app, err, out,
                   handles_errors)
-from .cli_explain import _check_output
 from .errors import ModelfixError
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    """Refuse an existing file, a non-empty folder, and an output that is an input or lies inside an input folder."""
+    if output.exists() and not output.is_dir():
+        raise ModelfixError(f"-o {output} is an existing file", hint="-o takes a new folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise ModelfixError(f"-o {output} exists and is not empty", hint="choose a new folder")
+    target = output.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if target == source or (source.is_dir() and target.is_relative_to(source)):
+            raise ModelfixError(f"refusing to write {output} inside the input {source}",
+                                hint="choose an output folder outside the model and data paths")
 
 
 def _default_data(card) -> str:

@@ -21,7 +21,8 @@ def _blob_maps(centres, n_each: int, size: int = 16, radius: int = 2, seed: int 
     for k, (r, c) in enumerate(centres):
         for _ in range(n_each):
             m = noise * torch.rand(size, size, generator=gen)
-            m[r - radius:r + radius, c - radius:c + radius] += 1 + 0.2 * torch.rand(2 * radius, 2 * radius, generator=gen)
+            bump = 1 + 0.2 * torch.rand(2 * radius, 2 * radius, generator=gen)
+            m[r - radius:r + radius, c - radius:c + radius] += bump
             maps.append(m)
             truth.append(k)
     return torch.stack(maps), np.array(truth)

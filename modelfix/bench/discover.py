@@ -12,7 +12,8 @@ Per scenario:
    over the members (pixels summed over members);
 4. RRR from the shortcut model with the exported masks and, separately, with the true masks (same settings);
    the gap of the three models: clean (decoy scenarios: artifact with the true label) − random-label artifact
-   test accuracy (`evaluate --poison 0,1 --labels correlated,random`); closed = (gap before − gap discovered) / (gap before − gap true);
+   test accuracy (`evaluate --poison 0,1 --labels correlated,random`);
+   closed = (gap before − gap discovered) / (gap before − gap true);
 5. the clean model's cluster scores: how many reach the threshold (false alarms).
 """
 

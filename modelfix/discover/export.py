@@ -190,7 +190,8 @@ def export_clusters(model: nn.Module, data, result: DiscoverResult, picks, out_d
             _, pasted = parse_artifact(f"image:{staging / name}@{r0}:{c0}").apply(data.x[:1])
             if not torch.equal(pasted[0, 0] > 0, part["region"]):
                 raise ModelfixError("internal error: an exported artifact does not cover its region")  # never expected
-            doc["clusters"].append({"class": part["entry"].cls, "name": part["entry"].name, "cluster": part["cluster"].id,
+            doc["clusters"].append({"class": part["entry"].cls, "name": part["entry"].name,
+                                    "cluster": part["cluster"].id,
                                     "score": part["cluster"].score.score, "members": part["cluster"].size,
                                     "region": {"pixels": int(part["region"].sum()), "box": part["box"]},
                                     "neurons_no": part["no"], "artifact": f"image:{final_dir / name}@{r0}:{c0}"})

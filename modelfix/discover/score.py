@@ -40,7 +40,7 @@ class ClusterScore:
 
 
 def top_region(mean_map: Tensor, share: float = SHARE) -> Tensor:
-    """Bool mask of the fewest entries of `mean_map` (≥ 0) that hold at least `share` of its sum (ties: lower index)."""
+    """Bool mask of the fewest entries of `mean_map` (≥ 0) holding at least `share` of its sum (ties: lower index)."""
     flat = mean_map.flatten().double()
     total = float(flat.sum())
     region = torch.zeros(flat.shape, dtype=torch.bool)

@@ -3,8 +3,8 @@ of commands. Importing this package registers every command on `app`; nothing he
 runs, so `modelfix --help` and `--version` answer at once."""
 
 from .base import app, install_signal_handlers
-from . import (bench, bench_guided, compare, crayon, demo, evaluate, explain, inspect, posthoc,  # noqa: F401,E402
-               report, train)
+from . import (bench, bench_guided, compare, crayon, demo, discover, evaluate, explain, inspect,  # noqa: F401,E402
+               posthoc, report, train)
 
 
 def main() -> None:

@@ -12,14 +12,15 @@ from rich.table import Table
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, say, warn
-from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt,
-                      NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, TrustOpt, model_overrides)
+from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
+                     checkpoint_options)
 
 DEFAULT_METHODS = "egem,pca-egem,rgem,ridge,crayon-pruning,tap,rrr,r4-cert"
 
 
 @app.command(epilog="Example: modelfix compare model.pt --arch resnet18 --data train/ --masks masks/ --clean-dir clean/ --eval-data test/ --artifact image:tag.png@0,0 -o compare/")
 @handles_errors
+@checkpoint_options
 def compare(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: one checkpoint per method, results.json, report.md, report.html.")],
@@ -34,16 +35,10 @@ def compare(
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each fine-tune.")] = 3,
     overwrite: OverwriteOpt = False,
     data_root: DataRootOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Every chosen method on the same model and inputs: one table (clean, poisoned, gap, worst class, seconds)."""
     from ..app import outputs, resolve
@@ -59,8 +54,7 @@ def compare(
         raise ModelfixError(f"--epochs must be at least 1, not {epochs}")
     plan = outputs.OutputPlan(folder=output, inputs=[model_path, data, masks, clean_dir, val, eval_data, feedback],
                               overwrite=overwrite, folder_option="-o").check()
-    model, card = resolve.load_checkpoint(model_path, trust_checkpoint, resolve.device_name(device),
-                                          **model_overrides(arch, num_classes, in_channels, input_size, mean, std))
+    model, card = resolve.load_checkpoint(model_path, device=resolve.device_name(device), **checkpoint)
     art = parse_artifact(artifact) if artifact else (parse_artifact(card.artifact) if card.artifact else None)
     train = resolve.load_dataset(data, data_root, seed, masks, card) if data else None
     clean = resolve.load_dataset(clean_dir, data_root, seed, card=card) if clean_dir else train

@@ -14,7 +14,8 @@ import typer
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
-from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt, NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, StrictOpt, TrustOpt, model_overrides, repair_job_common)
+from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
+                     StrictOpt, checkpoint_options, repair_job_common)
 
 feedback_app = typer.Typer(help="Yes/no feedback for CRAYON: neuron galleries, saliency maps, simulated verdicts.",
                            no_args_is_help=True)
@@ -29,9 +30,8 @@ PatchOpt = Annotated[Optional[int], typer.Option("--patch", help="Patch side in 
 BatchOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")]
 
 
-def _model_and_data(model_path, data, masks, data_root, seed, device, trust, arch, num_classes, in_channels,
-                    input_size, mean, std):
-    model, card = load_checkpoint(model_path, trust, device_name(device), arch, num_classes, in_channels, input_size, mean, std)
+def _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint: dict):
+    model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     dataset = load_dataset(data, data_root, seed, masks, class_names=card.class_names)
     check_fits(dataset, card, data)
     return model, card, dataset
@@ -45,6 +45,7 @@ def _maps(model, dataset, layer, batch_size):
 
 @feedback_app.command("gallery", epilog="Example: modelfix feedback gallery runs/cnn.safetensors --data data/train -o gallery/")
 @handles_errors
+@checkpoint_options
 def feedback_gallery(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: neuron_NNNN.png, index.html, patches.json, neurons.csv.")],
@@ -54,16 +55,10 @@ def feedback_gallery(
     patch: PatchOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Per channel of a layer, the top-k activating image patches as one PNG grid, an index page and a blank
     neurons.csv to fill with yes (keep) / no (prune)."""
@@ -71,8 +66,7 @@ def feedback_gallery(
 
     if top_k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {top_k}")
-    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, trust_checkpoint, arch,
-                                        num_classes, in_channels, input_size, mean, std)
+    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint)
     summary = write_gallery(model, dataset, output, layer=layer, k=top_k, patch=patch, batch_size=batch_size)
     if json_output:
         print(json.dumps(summary, default=str))
@@ -83,6 +77,7 @@ def feedback_gallery(
 
 @feedback_app.command("saliency", epilog="Example: modelfix feedback saliency runs/cnn.safetensors --data data/train -o maps/")
 @handles_errors
+@checkpoint_options
 def feedback_saliency(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: overlay PNGs, maps.safetensors, samples.csv.")],
@@ -90,23 +85,16 @@ def feedback_saliency(
     layer: CamLayerOpt = None,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Per sample, the true-class Grad-CAM map (|input gradient| for nets without conv) as an overlay PNG, all maps
     in maps.safetensors, and a blank samples.csv to fill with yes / no / maybe."""
     from ..feedback import write_saliency
 
-    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, trust_checkpoint, arch,
-                                        num_classes, in_channels, input_size, mean, std)
+    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint)
     summary = write_saliency(model, dataset, output, _maps(model, dataset, layer, batch_size))
     if json_output:
         print(json.dumps(summary, default=str))
@@ -116,6 +104,7 @@ def feedback_saliency(
 
 @feedback_app.command("simulate", epilog="Example: modelfix feedback simulate runs/mlp.safetensors --kind samples --data decoy-mnist:train -o samples.csv")
 @handles_errors
+@checkpoint_options
 def feedback_simulate(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="The filled feedback file (.csv).")],
@@ -132,16 +121,10 @@ def feedback_simulate(
     overwrite: OverwriteOpt = False,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """The papers' automated verdicts from the artifact masks, so benchmarks and users without annotators can run
     CRAYON end to end. The thresholds go into the file's header."""
@@ -157,8 +140,7 @@ def feedback_simulate(
     from ..app.outputs import OutputPlan
 
     OutputPlan(files=[] if overwrite else [output], inputs=[model_path, data, masks], folder_option="-o").check()
-    model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, trust_checkpoint, arch,
-                                        num_classes, in_channels, input_size, mean, std)
+    model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint)
     judged = corner_region(dataset, corner_size) if region == "corners" else dataset
     if kind == "neurons":
         if top_k < 1:
@@ -186,6 +168,7 @@ def feedback_simulate(
 
 @app.command("prune-crayon", epilog="Example: modelfix prune-crayon runs/cnn.safetensors --feedback gallery/neurons.csv --data data/train -o runs/pruned.safetensors")
 @handles_errors
+@checkpoint_options
 def prune_crayon(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned .safetensors (a stock checkpoint).", rich_help_panel="Output")],
@@ -203,16 +186,10 @@ def prune_crayon(
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
     data_root: DataRootOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """CRAYON-PRUNING: zero the channels people answered "no", then fine-tune only the last linear layer."""
     from ..app.repair import RepairJob, repair_files
@@ -227,8 +204,7 @@ def prune_crayon(
     job = RepairJob("prune-crayon", "crayon-pruning", output, model_path,
                     options={"layer": layer, "random": random, "epochs": epochs, "lr": lr, "weight_decay": weight_decay},
                     data=data, feedback=feedback, report=report, eval_data=eval_data, artifact=artifact, config=settings,
-                    **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
-                                        model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+                    **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
     result, document = repair_files(job)
     trace = document["trace"]
     document["config"]["layer"] = trace["layer"]

@@ -15,8 +15,7 @@ from rich.table import Table
 from ..app.resolve import data_info, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, bench_app, err, handles_errors, out
-from .options import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, SeedOpt,
-                      StdOpt, TrustOpt)
+from .options import (DataRootOpt, DeviceOpt, JsonOpt, SeedOpt, checkpoint_options)
 
 
 def _default_data(card) -> str:
@@ -32,6 +31,7 @@ def _default_data(card) -> str:
 
 @app.command("discover", epilog="Example: modelfix discover runs/shortcut.safetensors --data tagged-digits:train -o discover/ --export 8:0")
 @handles_errors
+@checkpoint_options
 def discover_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: index.html, clusters.json (and export/ with --export).", rich_help_panel="Output")],
@@ -48,16 +48,10 @@ def discover_command(
     layer: Annotated[Optional[str], typer.Option("--layer", help="With --export: the layer of neurons.csv (default: the input of the last linear layer, as prune-crayon).", rich_help_panel="Output")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 64,
     data_root: DataRootOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Find shortcuts nobody told you about: explain each class's evidence, cluster the heatmaps (spectral
     clustering, eigengap), rank the clusters by how suspicious they are; --export turns one into repair inputs."""
@@ -80,8 +74,7 @@ def discover_command(
     from ..app.outputs import OutputPlan
 
     OutputPlan(folder=output, inputs=inputs, folder_option="-o").check()
-    model, card = load_checkpoint(model_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels, input_size,
-                        mean, std)
+    model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     spec = data or _default_data(card)
     dataset = load_dataset(spec, data_root, seed, card=card)
     wanted = [c for c in classes.split(",") if c.strip()] if classes else None

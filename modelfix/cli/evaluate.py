@@ -13,12 +13,12 @@ from ..app.resolve import (check_fits, data_info, default_test_split, device_nam
                            parse_floats)
 from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
-from .options import (ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt, NumClassesOpt,
-                      OverwriteOpt, SeedOpt, StdOpt, TrustOpt)
+from .options import (DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt, checkpoint_options)
 
 
 @app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels correlated,random")
 @handles_errors
+@checkpoint_options
 def evaluate(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     data: Annotated[Optional[str], typer.Option("--data", help="A folder, a bundle or SCENARIO[:SPLIT] (default: the test split of the scenario the model was trained on).", rich_help_panel="Data")] = None,
@@ -33,16 +33,10 @@ def evaluate(
     fragility: Annotated[Optional[float], typer.Option("--fragility", metavar="EPS", help="Also report R4's explanation fragility δ at this ε on the artifact mask, on the core and their ratio (interval bounds; Linear/Conv/ReLU/pool/BN networks).", rich_help_panel="Explanations")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write results.json, report.md and report.html into this folder.", rich_help_panel="Output")] = None,
     overwrite: OverwriteOpt = False,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Accuracy on clean and poisoned data: per class, per group, macro- and worst-group, and the drops."""
     from ..checkpoint import sha256_file
@@ -74,8 +68,7 @@ def evaluate(
 
         plan = OutputPlan(folder=output_dir, inputs=[model_path, data, masks, artifact], overwrite=overwrite,
                           folder_option="-o").check()
-    model, card = load_checkpoint(model_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels,
-                                  input_size, mean, std)
+    model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     spec = data or default_test_split(card)
     dataset = load_dataset(spec, data_root, seed, masks, class_names=card.class_names)
     check_fits(dataset, card, spec)

@@ -16,7 +16,7 @@ import typer
 from ..app.resolve import check_fits, data_info, default_test_split, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, err, handles_errors
-from .options import ArchOpt, DataRootOpt, DeviceOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt, MeanOpt, NumClassesOpt, SeedOpt, StdOpt, TrustOpt
+from .options import (DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, SeedOpt, checkpoint_options)
 
 SCHEMA = "modelfix.explain/v1"
 
@@ -52,6 +52,7 @@ def _stats(values) -> dict:
 
 @app.command("explain", epilog="Example: modelfix explain runs/shortcut.safetensors --data decoy-digits:test-contaminated --method lrp --target pred -o explain/")
 @handles_errors
+@checkpoint_options
 def explain(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: heatmaps/, inputs/, attributions.npz, explain.json.", rich_help_panel="Output")],
@@ -68,16 +69,10 @@ def explain(
     layer: Annotated[Optional[str], typer.Option("--layer", help="gradcam: a conv layer inside the net (default: the last conv block; 'input': |input gradient|).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 32,
     data_root: DataRootOpt = None,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Heatmaps of the evidence for a class (LRP through zennit, gradients, integrated gradients, SmoothGrad,
     Grad-CAM) as PNGs, with the raw attributions; the model is left exactly as it was."""
@@ -112,8 +107,7 @@ def explain(
         inputs.append(Path(data).expanduser())
     _check_output(output, inputs)
 
-    model, card = load_checkpoint(model_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels, input_size,
-                        mean, std)
+    model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     composite = composite or default_composite(model)
     spec = data or default_test_split(card)
     dataset = load_dataset(spec, data_root, seed, masks, class_names=card.class_names)

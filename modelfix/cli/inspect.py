@@ -12,27 +12,21 @@ from rich.table import Table
 from ..app.resolve import load_checkpoint
 from ..errors import ModelfixError
 from .base import app, data_app, handles_errors, out
-from .options import (ArchOpt, DataRootOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt, NumClassesOpt, SeedOpt, StdOpt,
-                      TrustOpt)
+from .options import (DataRootOpt, JsonOpt, SeedOpt, checkpoint_options)
 
 
 @app.command("inspect")
 @handles_errors
+@checkpoint_options
 def inspect_cmd(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Architecture, classes, input spec, layers with output shapes, repair history and patches."""
     from ..inspect_model import describe
 
-    model, card = load_checkpoint(model_path, trust_checkpoint, "cpu", arch, num_classes, in_channels, input_size, mean, std)
+    model, card = load_checkpoint(model_path, device="cpu", **checkpoint)
     info = describe(model, card)
     if json_output:
         print(json.dumps(info, default=str))

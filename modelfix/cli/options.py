@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -28,16 +30,35 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 when the repair ends with a warning (a no-op, a missing class, a collapsed class, a grid edge).", rich_help_panel="Output")]
 
 
-def model_overrides(arch=None, num_classes=None, in_channels=None, input_size=None, mean=None, std=None) -> dict:
-    """The card-less checkpoint options, as `modelfix.app.resolve.load_checkpoint` takes them."""
-    return {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
-            "mean": mean, "std": std}
-
-
-def repair_job_common(seed: int, device: str, batch_size: int, trust: bool, overwrite: bool, data_root, overrides: dict,
-                      progress: bool = True) -> dict:
-    """The RepairJob fields every repair command fills the same way."""
+def repair_job_common(seed: int, device: str, batch_size: int, overwrite: bool, data_root, checkpoint: dict) -> dict:
+    """The RepairJob fields every repair command fills the same way (`checkpoint` from `checkpoint_options`)."""
     from ..app.resolve import device_name
 
-    return {"seed": seed, "device": device_name(device), "batch_size": batch_size, "trust": trust,
-            "overwrite": overwrite, "data_root": data_root, "overrides": overrides, "progress": progress}
+    overrides = {k: v for k, v in checkpoint.items() if k != "trust"}
+    return {"seed": seed, "device": device_name(device), "batch_size": batch_size, "trust": checkpoint["trust"],
+            "overwrite": overwrite, "data_root": data_root, "overrides": overrides}
+
+
+CHECKPOINT_OPTIONS = (("trust_checkpoint", TrustOpt, False), ("arch", ArchOpt, None), ("num_classes", NumClassesOpt, None),
+                      ("in_channels", InChannelsOpt, None), ("input_size", InputSizeOpt, None), ("mean", MeanOpt, None),
+                      ("std", StdOpt, None))
+
+
+def checkpoint_options(command: Callable) -> Callable:
+    """Give a command the options of a card-less checkpoint (`--trust-checkpoint`, `--arch`, `--num-classes`,
+    `--in-channels`, `--input-size`, `--mean`, `--std`), declared once, here: the command receives them as one
+    keyword `checkpoint: dict`, ready for `modelfix.app.resolve.load_checkpoint(path, device=…, **checkpoint)`."""
+    signature = inspect.signature(command, eval_str=True)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in CHECKPOINT_OPTIONS]
+    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+            for p in signature.parameters.values() if p.name != "checkpoint"]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name, _, _ in CHECKPOINT_OPTIONS}
+        checkpoint = {"trust": values.pop("trust_checkpoint"), **values}
+        return command(*args, checkpoint=checkpoint, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    return wrapper

@@ -14,9 +14,8 @@ from rich.table import Table
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
-from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MeanOpt,
-                      NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, StrictOpt, TrustOpt, model_overrides,
-                      repair_job_common)
+from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, OverwriteOpt, SeedOpt, StrictOpt,
+                     checkpoint_options, repair_job_common)
 
 CleanDirOpt = Annotated[Optional[str], typer.Option("--clean-dir", help="Approved samples: an image folder DIR/<class>/..., a .npz/.safetensors bundle, or SCENARIO:SPLIT.", rich_help_panel="Data")]
 ScenarioOpt = Annotated[Optional[str], typer.Option("--scenario", help="Use the built-in clean pool of a scenario (its `clean` split) instead of --clean-dir.", rich_help_panel="Data")]
@@ -81,6 +80,7 @@ def _print_trace(trace: dict, fold_info: dict | None) -> None:
 
 @app.command("prune-egem", epilog="Example: modelfix prune-egem runs/model.safetensors --clean-dir data/clean -o runs/egem.safetensors")
 @handles_errors
+@checkpoint_options
 def prune_egem(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: OutputOpt,
@@ -107,16 +107,10 @@ def prune_egem(
     strict: StrictOpt = False,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """EGEM / PCA-EGEM soft-pruning from approved samples, no training (Linhardt et al.)."""
     from ..app.repair import RepairJob, repair_files
@@ -140,14 +134,14 @@ def prune_egem(
                 "keep_incorrect": keep_incorrect, "seed": seed, "fold": fold}
     job = RepairJob("prune-egem", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     approve_mask=approve_mask, report=report, eval_data=eval_data, artifact=artifact,
-                    config=settings, **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
-                                                         model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+                    config=settings, **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)
 
 
 @app.command("refit", epilog="Example: modelfix refit runs/model.safetensors --clean-dir data/clean --method rgem -o runs/rgem.safetensors")
 @handles_errors
+@checkpoint_options
 def refit(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: OutputOpt,
@@ -166,16 +160,10 @@ def refit(
     strict: StrictOpt = False,
     data_root: DataRootOpt = None,
     batch_size: BatchOpt = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """RGEM / Ridge: closed-form float64 refit of the last linear layer on approved samples."""
     from ..app.repair import RepairJob, repair_files
@@ -190,7 +178,6 @@ def refit(
                 "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "seed": seed}
     job = RepairJob("refit", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     report=report, eval_data=eval_data, artifact=artifact, config=settings,
-                    **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
-                                        model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+                    **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)

@@ -17,9 +17,8 @@ from rich.table import Table
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset, parse_floats
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
-from .options import (ArchOpt, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, InChannelsOpt, InputSizeOpt, JsonOpt, MasksOpt,
-                      MeanOpt, NumClassesOpt, OverwriteOpt, SeedOpt, StdOpt, StrictOpt, TrustOpt, model_overrides,
-                      repair_job_common)
+from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
+                     SeedOpt, StdOpt, StrictOpt, checkpoint_options, repair_job_common)
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
 
@@ -219,6 +218,7 @@ def train(
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
 @handles_errors
+@checkpoint_options
 def finetune(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned .safetensors.", rich_help_panel="Output")],
@@ -256,16 +256,10 @@ def finetune(
     artifact: ArtifactOpt = None,
     overwrite: OverwriteOpt = False,
     strict: StrictOpt = False,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR, the R4 family, IBP-Ex, PGD-Ex, CRAYON-ATTENTION)
     or a baseline (retrain, erm-l2, erm)."""
@@ -278,13 +272,13 @@ def finetune(
     job = RepairJob("finetune", method, output, model_path, options=_options(config, hparams, lambdas, select_by),
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, config=config.to_dict(),
-                    **repair_job_common(seed, device, batch_size, trust_checkpoint, overwrite, data_root,
-                                        model_overrides(arch, num_classes, in_channels, input_size, mean, std)))
+                    **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
     _run(job, json_output, strict)
 
 
 @app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")
 @handles_errors
+@checkpoint_options
 def annotate(
     teacher_path: Annotated[Path, typer.Argument(metavar="TEACHER", help="A model trained on a small clean split (a .safetensors checkpoint).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new mask folder mirroring an image folder, or a .npz/.safetensors bundle (any data).", rich_help_panel="Output")],
@@ -293,16 +287,10 @@ def annotate(
     random: Annotated[bool, typer.Option("--random", help="Random annotation baseline: τ·H·W random pixels per image (the teacher is only used for its classes and input size).")] = False,
     data_root: DataRootOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")] = 256,
-    trust_checkpoint: TrustOpt = False,
-    arch: ArchOpt = None,
-    num_classes: NumClassesOpt = None,
-    in_channels: InChannelsOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    checkpoint: Optional[dict] = None,
 ) -> None:
     """Teacher masks: per image, the τ-fraction of pixels with the lowest input-gradient saliency of the teacher."""
     from ..repair.annotate import annotate as run_annotate
@@ -316,8 +304,7 @@ def annotate(
     bundle = output.suffix in (".npz", ".safetensors")
     OutputPlan(folder=None if bundle else output, files=[output] if bundle else [], inputs=[teacher_path, data],
                folder_option="-o").check()
-    model, card = load_checkpoint(teacher_path, trust_checkpoint, device_name(device), arch, num_classes, in_channels,
-                                  input_size, mean, std)
+    model, card = load_checkpoint(teacher_path, device=device_name(device), **checkpoint)
     dataset = load_dataset(data, data_root, seed, class_names=card.class_names)
     check_fits(dataset, card, data)
     masked = run_annotate(None if random else model, dataset, tau=tau, random=random, seed=seed, batch_size=batch_size)

@@ -93,7 +93,8 @@ class RepairJob:
     overrides: dict = field(default_factory=dict)  # arch, num_classes, in_channels, input_size, mean, std
     overwrite: bool = False
     progress: bool = True
-    config: dict = field(default_factory=dict)  # the resolved command configuration, for the card and `rerun`
+    config: dict = field(default_factory=dict)  # the method's resolved settings, for the card
+    invocation: dict | None = None  # the command and every option as resolved, for the card and `modelfix rerun`
 
     def input_paths(self) -> list:
         return [self.model_path, self.data, self.masks, self.clean, self.approve_mask, self.val, self.feedback,
@@ -198,6 +199,7 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
     document = result_document(job, entry, result, data if clean is None else clean, val)
     history = {k: document[k] for k in ("command", "method", "config", "data", "val", "hyperparameters", "sweep",
                                         "trace", "fold") if k in document}
+    history["invocation"] = job.invocation
     new_card = card.with_history(json_safe(history))
     if job.model_path is not None:
         new_card = dataclasses.replace(new_card, provenance={"parent": str(job.model_path),

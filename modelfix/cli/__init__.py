@@ -3,8 +3,10 @@ of commands. Importing this package registers every command on `app`; nothing he
 runs, so `modelfix --help` and `--version` answer at once."""
 
 from .base import app, install_signal_handlers
-from . import (bench, bench_guided, compare, crayon, demo, discover, evaluate, explain, inspect,  # noqa: F401,E402
-               posthoc, report, train)
+from . import (bench, bench_guided, compare, config, crayon, demo, discover, evaluate, explain,  # noqa: F401,E402
+               inspect, posthoc, report, train)
+
+config.add_config_everywhere(app)  # last: every command registered above gets --config
 
 
 def main() -> None:

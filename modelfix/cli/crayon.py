@@ -14,6 +14,7 @@ import typer
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
+from .config import recorded_invocation
 from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
                      StrictOpt, checkpoint_options, repair_job_common)
 
@@ -205,6 +206,7 @@ def prune_crayon(
                     options={"layer": layer, "random": random, "epochs": epochs, "lr": lr, "weight_decay": weight_decay},
                     data=data, feedback=feedback, report=report, eval_data=eval_data, artifact=artifact, config=settings,
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
+    job.invocation = recorded_invocation()
     result, document = repair_files(job)
     trace = document["trace"]
     document["config"]["layer"] = trace["layer"]

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
+from .config import recorded_invocation
 from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, OverwriteOpt, SeedOpt, StrictOpt,
                      checkpoint_options, repair_job_common)
 
@@ -135,6 +136,7 @@ def prune_egem(
     job = RepairJob("prune-egem", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     approve_mask=approve_mask, report=report, eval_data=eval_data, artifact=artifact,
                     config=settings, **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
+    job.invocation = recorded_invocation()
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)
 
@@ -179,5 +181,6 @@ def refit(
     job = RepairJob("refit", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     report=report, eval_data=eval_data, artifact=artifact, config=settings,
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
+    job.invocation = recorded_invocation()
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)

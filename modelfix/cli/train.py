@@ -17,6 +17,7 @@ from rich.table import Table
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset, parse_floats
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
+from .config import recorded_invocation
 from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
                      SeedOpt, StdOpt, StrictOpt, checkpoint_options, repair_job_common)
 
@@ -213,6 +214,7 @@ def train(
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, data_root=data_root, seed=seed, device=dev, batch_size=batch_size,
                     overwrite=overwrite, config=config.to_dict())
+    job.invocation = recorded_invocation()
     _run(job, json_output, strict, train_accuracy=True)
 
 
@@ -273,6 +275,7 @@ def finetune(
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, config=config.to_dict(),
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
+    job.invocation = recorded_invocation()
     _run(job, json_output, strict)
 
 

@@ -31,7 +31,6 @@ Budgets (`BUDGETS`): the methods keep their command defaults except where a sett
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -173,17 +172,11 @@ def measure(model: nn.Module, setup: Setup) -> dict:
 
 
 # ---- the repairs: each takes the shortcut model (never modified) and returns (repaired copy, settings) ---------
+# Every repair goes through the application layer's `repair()` (`modelfix.repair`), as the commands do.
 
 
-def _split(model: nn.Module, setup: Setup):
-    """The post-hoc refinement split, built as `prune-egem` / `refit --scenario tagged-digits` build it."""
-    from .repair.refinement import refinement_split
-
-    return refinement_split(model, setup.pool, samples_per_class=POSTHOC["samples_per_class"], seed=setup.seed,
-                            keep_incorrect=POSTHOC["keep_incorrect"])
-
-
-def _posthoc_settings(trace: dict, key: str, **extra) -> dict:
+def _posthoc_settings(result, key: str, **extra) -> dict:
+    trace = result.details
     samples = trace.get("samples", {})
     return {"data": f"{SCENARIO}:clean", **POSTHOC, **extra, key: trace[key], "selected_by": trace["selected_by"],
             "fit_unique": samples.get("fit_unique"), "val_unique": samples.get("val_unique"),
@@ -191,22 +184,21 @@ def _posthoc_settings(trace: dict, key: str, **extra) -> dict:
 
 
 def repair_egem(model: nn.Module, setup: Setup, method: str = "egem", layers: str | None = None) -> tuple[nn.Module, dict]:
-    """EGEM / PCA-EGEM soft pruning (`modelfix prune-egem --scenario tagged-digits [--method pca-egem]`)."""
-    from .repair.egem import EgemConfig, fit_egem
+    """EGEM / PCA-EGEM soft pruning (`modelfix prune-egem --scenario tagged-digits [--method pca-egem] --no-fold`)."""
+    from .app.repair import repair
 
-    config = EgemConfig(method=method, layers=layers, slack=POSTHOC["slack"], slack_mode=POSTHOC["slack_mode"])
-    repaired, trace = fit_egem(model, _split(model, setup), config, progress=False)
-    return repaired, _posthoc_settings(trace, "alpha", method=method, layers=layers or "default",
-                                       points=trace["points"])
+    result = repair(model, None, method, clean=setup.pool, seed=setup.seed, progress=False, layers=layers, fold=False,
+                    **POSTHOC)
+    return result.model, _posthoc_settings(result, "alpha", method=method, layers=layers or "default",
+                                           points=result.details["points"])
 
 
 def repair_refit(model: nn.Module, setup: Setup, method: str = "rgem") -> tuple[nn.Module, dict]:
     """RGEM / Ridge closed-form refit of the last Linear (`modelfix refit --scenario tagged-digits --method M`)."""
-    from .repair.lastlayer import RefitConfig, fit_refit
+    from .app.repair import repair
 
-    config = RefitConfig(method=method, slack=POSTHOC["slack"], slack_mode=POSTHOC["slack_mode"])
-    repaired, trace = fit_refit(model, _split(model, setup), config, progress=False)
-    return repaired, _posthoc_settings(trace, "lambda", method=method, layer=trace["layer"])
+    result = repair(model, None, method, clean=setup.pool, seed=setup.seed, progress=False, **POSTHOC)
+    return result.model, _posthoc_settings(result, "lambda", method=method, layer=result.details["layer"])
 
 
 def repair_crayon(model: nn.Module, setup: Setup) -> tuple[nn.Module, dict]:
@@ -218,10 +210,13 @@ def repair_crayon(model: nn.Module, setup: Setup) -> tuple[nn.Module, dict]:
     while a unit for the 8's shape has 8s, about half of them tagged. The simulated person says "no" to a unit when
     more than 90 % of its top-20 carry the tag. `egem-cnn`'s judged layer is the dense `relu3`, where a unit's
     "patch" is the whole image; with the training split as gallery (the tag on 8s only), the 8 units and the tag
-    units look alike and the majority rule prunes 5 units and leaves the shortcut (measured: gap 38 points)."""
+    units look alike and the majority rule prunes 5 units and leaves the shortcut (measured: gap 38 points).
+    The verdicts go through a neurons.csv, as a person's would."""
+    import tempfile
+
+    from .app.repair import repair
     from .data import poison
-    from .feedback import default_feedback_layer, simulate_neurons, top_activations
-    from .repair.crayon import prune_crayon
+    from .feedback import default_feedback_layer, simulate_neurons, top_activations, write_neuron_feedback
 
     gallery = poison(_first(_shuffled(setup.pool, setup.seed), setup.budget.crayon_items), setup.artifact, 0.5,
                      "random", seed=setup.seed)
@@ -229,20 +224,24 @@ def repair_crayon(model: nn.Module, setup: Setup) -> tuple[nn.Module, dict]:
     layer = default_feedback_layer(model)
     top = top_activations(model, gallery, layer, k=20, batch_size=256, progress=False)
     feedback, simulated = simulate_neurons(top, gallery, max_artifact_share=CRAYON_SHARE)
-    repaired, trace = prune_crayon(model, data, feedback.prune, layer=layer, epochs=10, lr=1e-4, weight_decay=1e-4,
-                                   batch_size=128, seed=setup.seed, progress=False)
-    return repaired, {"gallery": f"{SCENARIO}:clean, the tag pasted on half", "gallery_items": len(gallery),
-                      "data": f"{SCENARIO}:train", "items": len(data), "layer": layer,
-                      "feedback": {k: simulated[k] for k in ("k", "patch", "max_artifact_share")},
-                      "pruned": trace["n_pruned"], "units": trace["n_channels"], "epochs": trace["epochs"],
-                      "lr": trace["lr"], "weight_decay": trace["weight_decay"], "batch_size": trace["batch_size"]}
+    with tempfile.TemporaryDirectory() as folder:
+        verdicts = Path(folder) / "neurons.csv"
+        write_neuron_feedback(verdicts, feedback)
+        result = repair(model, data, "crayon-pruning", feedback=verdicts, seed=setup.seed, progress=False,
+                        batch_size=128, layer=layer, epochs=10, lr=1e-4, weight_decay=1e-4)
+    trace = result.details
+    return result.model, {"gallery": f"{SCENARIO}:clean, the tag pasted on half", "gallery_items": len(gallery),
+                          "data": f"{SCENARIO}:train", "items": len(data), "layer": layer,
+                          "feedback": {k: simulated[k] for k in ("k", "patch", "max_artifact_share")},
+                          "pruned": trace["n_pruned"], "units": trace["n_channels"], "epochs": trace["epochs"],
+                          "lr": trace["lr"], "weight_decay": trace["weight_decay"], "batch_size": trace["batch_size"]}
 
 
 def repair_finetune(model: nn.Module, setup: Setup, name: str) -> tuple[nn.Module, dict]:
     """A guided fine-tune on the masked training split (`modelfix finetune --method M --lambda L ...`): TrainConfig
     from its defaults < the method's `train_defaults` < the demo's overrides, as the command builds it."""
-    from .repair.finetune import finetune
-    from .repair.methods import get_method
+    from .app.repair import repair
+    from .repair.registry import get_method
 
     method, hparams, overrides = FINETUNES[name]
     entry = get_method(method)
@@ -251,14 +250,14 @@ def repair_finetune(model: nn.Module, setup: Setup, name: str) -> tuple[nn.Modul
     epochs = setup.budget.cert_epochs if cert else setup.budget.finetune_epochs
     data = region_masks(_first(_shuffled(setup.train, setup.seed), items), setup.artifact)
     config = TrainConfig(**{"epochs": epochs, "seed": setup.seed, **entry.train_defaults, **overrides})
-    weight = {k: v for k, v in hparams.items() if k == entry.weight}
+    weight = [v for k, v in hparams.items() if k == entry.weight]
     others = {k: v for k, v in hparams.items() if k != entry.weight}
-    sweep = finetune(model, data, method, config, lambdas=list(weight.values()) or None, hparams=others,
-                     progress=False)
-    return sweep.model.eval(), {"method": method, "data": f"{SCENARIO}:train", "items": len(data),
-                                "masks": "the tag's region on every training image", **hparams,
-                                **{k: v for k, v in config.to_dict().items() if k in
-                                   ("optimizer", "lr", "momentum", "epochs", "batch_size", "weight_decay")}}
+    options = {k: v for k, v in config.to_dict().items() if k != "seed"}
+    result = repair(model, data, method, seed=setup.seed, progress=False, lambdas=weight or None, **options, **others)
+    return result.model.eval(), {"method": method, "data": f"{SCENARIO}:train", "items": len(data),
+                                 "masks": "the tag's region on every training image", **hparams,
+                                 **{k: v for k, v in config.to_dict().items() if k in
+                                    ("optimizer", "lr", "momentum", "epochs", "batch_size", "weight_decay")}}
 
 
 def region_masks(data: Dataset, artifact: Artifact) -> Dataset:

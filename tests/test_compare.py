@@ -18,7 +18,7 @@ def test_compare_on_a_folder_a_card_less_pt_masks_and_an_artifact_image(tmp_path
     Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tag)  # the scenario's white 4×4 tag
     out = tmp_path / "compare"
     result = run("compare", pt, "--arch", "egem-cnn", "--num-classes", "10", "--in-channels", "1",
-                 "--input-size", "8x8", "--data", folder / "train" / "images", "--masks", folder / "train" / "masks",
+                 "--input-size", "28x28", "--data", folder / "train" / "images", "--masks", folder / "train" / "masks",
                  "--clean-dir", folder / "clean" / "images", "--eval-data", folder / "test" / "images",
                  "--artifact", f"image:{tag}@0:0", "--methods", "rgem,ridge,rrr,crayon-pruning", "--epochs", "1",
                  "-o", out, "--json")
@@ -57,7 +57,7 @@ def _train_shortcut(folder_root):
     assert run("data", "make", "tagged-digits", "-o", folder_root).exit_code == 0
     data = load_scenario("tagged-digits", "train")
     card = ModelCard(arch="egem-cnn", num_classes=10, class_names=list(data.class_names),
-                     input=InputSpec(1, 8, 8, default_input_spec("egem-cnn").mean, default_input_spec("egem-cnn").std))
+                     input=InputSpec(*data.shape, default_input_spec("egem-cnn").mean, default_input_spec("egem-cnn").std))
     torch.manual_seed(0)
     model = build_model(card)
     train(model, data, TrainConfig(epochs=3, lr=3e-3, batch_size=64), progress=False)

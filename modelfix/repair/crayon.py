@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modelfix.data.dataset import Dataset
 from modelfix.errors import ModelfixError
 from modelfix.explain.gradcam import default_cam_layer
-from modelfix.progress import progress_bar
 from modelfix.repair.lastlayer import penultimate_features
 from modelfix.repair.registry import method
+from modelfix.training import TrainConfig, train
 from modelfix.zoo import last_linear
 
 PAPER = ('CRAYON preprint, "Towards Mitigating Spurious Correlations in Image Classifiers with Simple Yes-no '
@@ -202,6 +203,17 @@ def _head_stats(features: Tensor, y: Tensor, head: nn.Linear) -> tuple[float, fl
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
 
 
+class CachedFeatureHead(nn.Module):
+    """The last Linear fed with cached features stored as N×F×1×1 dataset items (in the head's dtype)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x.flatten(1).to(self.head.weight.dtype))
+
+
 def prune_crayon(model: nn.Module, data, prune: Sequence[int], layer: str | None = None, epochs: int = 10,
                  lr: float = 1e-4, weight_decay: float = 1e-4, batch_size: int = 128, seed: int = 0,
                  progress: bool = True) -> tuple[nn.Module, dict]:
@@ -245,24 +257,17 @@ def prune_crayon(model: nn.Module, data, prune: Sequence[int], layer: str | None
     requires = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    steps = math.ceil(len(y) / batch_size)
+    # The pruned columns get a zero gradient, so Adam (whose L2 term is 0 on a zero weight) never moves them: they
+    # stay exactly 0. The head trains in the one training loop on the cached features (N×F as N×F×1×1 items).
+    handle = weight.register_hook(lambda grad: grad.index_fill(1, columns, 0))
     try:
-        with progress_bar(enabled=progress) as bar:
-            task = bar.add_task("crayon-pruning fc", total=int(epochs) * steps)
-            for _ in range(int(epochs)):
-                order = torch.randperm(len(y), generator=generator).to(y.device)
-                for start in range(0, len(y), batch_size):
-                    idx = order[start:start + batch_size]
-                    loss = F.cross_entropy(head(features[idx]), y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    with torch.no_grad():  # the pruned channels stay pruned
-                        weight[:, columns] = 0
-                    bar.advance(task, 1)
+        if epochs:
+            cached = Dataset(x=features.detach().cpu().reshape(len(y), -1, 1, 1), y=y.cpu(), name="features")
+            config = TrainConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, epochs=int(epochs),
+                                 batch_size=batch_size, seed=seed)
+            train(CachedFeatureHead(head), cached, config, progress=progress, description="crayon-pruning fc")
     finally:
+        handle.remove()
         for p, flag in zip(params, requires):
             p.requires_grad_(flag)
             p.grad = None

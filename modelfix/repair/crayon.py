@@ -5,7 +5,8 @@ The pruned layer's output feeds the last nn.Linear through flatten / average-poo
 channel j (`A_j ← 0·A_j`) is exactly zeroing the Linear's input columns that channel owns: columns
 j·H·W … (j+1)·H·W−1 for a flattened C×H×W map, column j for a globally average-pooled map or a dense layer
 (ReLU(0) = 0 and the mean of zeros is 0). That is the fold: the result is a stock-architecture model. The columns
-stay zero during the fine-tune (re-zeroed after every optimiser step).
+stay zero during the fine-tune (their gradient is zeroed, so Adam never moves them); the head trains in the one
+training loop (`modelfix.training.train`) on the cached features.
 
 The fine-tune is CE on the training data with Adam(lr, weight decay), only the Linear's weight and bias (the
 preprint: lr 1e-4, 10 epochs, weight decay 1e-4). The backbone is frozen (features detached, as the released code)

@@ -93,6 +93,7 @@ class RepairJob:
     overrides: dict = field(default_factory=dict)  # arch, num_classes, in_channels, input_size, mean, std
     overwrite: bool = False
     progress: bool = True
+    reading: dict = field(default_factory=dict)  # how images are read (resize, workers, …): resolve.load_dataset
     config: dict = field(default_factory=dict)  # the method's resolved settings, for the card
     invocation: dict | None = None  # the command and every option as resolved, for the card and `modelfix rerun`
 
@@ -107,7 +108,7 @@ def _evaluation_data(job: RepairJob, card):
     spec = job.eval_data or (resolve.default_test_split(card) if (card.dataset or {}).get("scenario") else None)
     if spec is None:
         return None, None
-    return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card)
+    return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card, reading=job.reading)
 
 
 def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[str]]:
@@ -152,14 +153,15 @@ def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[st
 def _inputs(job: RepairJob, entry, card):
     data = clean = val = None
     if "data" in entry.needs or job.data is not None and entry.kind == "finetune":
-        data = resolve.load_dataset(job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card)
+        data = resolve.load_dataset(job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card,
+                                    reading=job.reading)
     if "clean" in entry.needs:
         if job.clean is None:
             raise ModelfixError("give exactly one of --clean-dir DIR and --scenario NAME",
                                 hint="e.g. --clean-dir data/clean or --scenario egem-mnist")
-        clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card)
+        clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card, reading=job.reading)
     if job.val:
-        val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card)
+        val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card, reading=job.reading)
     return data, clean, val
 
 
@@ -188,6 +190,9 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
                                 f"(0..{card.num_classes - 1})")
     eval_spec, eval_data = _evaluation_data(job, card) if (job.report is not None or job.eval_data) else (None, None)
     data, clean, val = _inputs(job, entry, card)
+    named = next((d for d in (data, clean) if d is not None), None)
+    if named is not None and resolve.has_default_names(card) and len(named.class_names) == card.num_classes:
+        card = dataclasses.replace(card, class_names=list(named.class_names))  # the first write records the names
     start = time.perf_counter()
     before = None if job.model_path is None else model
     # a fine-tune's TrainConfig batch size wins; its seed is the job's (RepairInputs.seed)

@@ -79,13 +79,48 @@ def check_fits(data, card, spec: str) -> None:
         raise ModelfixError(f"data '{spec}' has label {int(data.y.max())} but the model has {card.num_classes} classes")
 
 
-def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None, class_names=None):
-    """The dataset of `spec` (folder, bundle, SCENARIO[:SPLIT]), named with the card's classes (or `class_names`)
-    and checked against the card when one is given."""
-    from modelfix.data import load_data
+def parse_columns(text: str | None):
+    """'path=file,label=diagnosis' → Columns naming those manifest columns (the rest keep their defaults)."""
+    from modelfix.data import Columns
 
-    data = load_data(spec, data_root=data_root, seed=seed, mask_dir=masks,
-                     class_names=card.class_names if card is not None else class_names)
+    if not text:
+        return None
+    names = {}
+    for part in str(text).split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("path", "label", "mask", "group") or not value.strip():
+            raise ModelfixError(f"--columns takes path=COL,label=COL[,mask=COL,group=COL], not '{text}'")
+        names[key.strip()] = value.strip()
+    return Columns(**names, required_optional=True)
+
+
+def has_default_names(card) -> bool:
+    """The card names its classes 0..K-1 only (a card-less checkpoint): the data's class folders may name them."""
+    return list(card.class_names) == [str(i) for i in range(card.num_classes)]
+
+
+def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None, class_names=None,
+                 reading: dict | None = None):
+    """The dataset of `spec` (folder, manifest, bundle, SCENARIO[:SPLIT]), named with the card's classes (or
+    `class_names`) and checked against the card when one is given. `reading` (the CLI's data options: resize,
+    crop_pct, workers, skip_bad, max_pixels, columns) brings images of any size and mode to the card's input; such
+    a source is decoded with `workers` DataLoader workers into whole tensors here (`to_dataset`)."""
+    from modelfix.data import ImageSource, load_data, to_dataset
+
+    reading = dict(reading or {})
+    workers = reading.pop("workers", 0) or 0
+    if workers < 0:
+        raise ModelfixError(f"--workers must be >= 0, not {workers}")
+    columns = parse_columns(reading.pop("columns", None))
+    resize = reading.pop("resize", None)
+    lazy = resize is not None or reading.get("skip_bad") or str(spec).lower().endswith((".csv", ".tsv"))
+    if card is not None:
+        class_names = None if has_default_names(card) else card.class_names  # a card-less file: the data name them
+    data = load_data(spec, data_root=data_root, seed=seed, mask_dir=masks, class_names=class_names,
+                     input_spec=card.input if card is not None and lazy else None, resize=resize, columns=columns,
+                     **{k: v for k, v in reading.items() if v is not None})
+    if isinstance(data, ImageSource):
+        data = to_dataset(data, workers)
     if card is not None:
         check_fits(data, card, spec)
     return data

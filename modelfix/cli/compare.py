@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, say, warn
-from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
+from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
                      checkpoint_options)
 
 DEFAULT_METHODS = "egem,pca-egem,rgem,ridge,crayon-pruning,tap,rrr,r4-cert"
@@ -21,6 +21,7 @@ DEFAULT_METHODS = "egem,pca-egem,rgem,ridge,crayon-pruning,tap,rrr,r4-cert"
 @app.command(epilog="Example: modelfix compare model.pt --arch resnet18 --data train/ --masks masks/ --clean-dir clean/ --eval-data test/ --artifact image:tag.png@0,0 -o compare/")
 @handles_errors
 @checkpoint_options
+@data_options
 def compare(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: one checkpoint per method, results.json, report.md, report.html.")],
@@ -39,6 +40,7 @@ def compare(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Every chosen method on the same model and inputs: one table (clean, poisoned, gap, worst class, seconds)."""
     from ..app import outputs, resolve
@@ -56,11 +58,11 @@ def compare(
                               overwrite=overwrite, folder_option="-o").check()
     model, card = resolve.load_checkpoint(model_path, device=resolve.device_name(device), **checkpoint)
     art = parse_artifact(artifact) if artifact else (parse_artifact(card.artifact) if card.artifact else None)
-    train = resolve.load_dataset(data, data_root, seed, masks, card) if data else None
-    clean = resolve.load_dataset(clean_dir, data_root, seed, card=card) if clean_dir else train
-    val_data = resolve.load_dataset(val, data_root, seed, card=card) if val else None
+    train = resolve.load_dataset(data, data_root, seed, masks, card, reading=reading) if data else None
+    clean = resolve.load_dataset(clean_dir, data_root, seed, card=card, reading=reading) if clean_dir else train
+    val_data = resolve.load_dataset(val, data_root, seed, card=card, reading=reading) if val else None
     test_spec = eval_data or resolve.default_test_split(card)
-    test = resolve.load_dataset(test_spec, data_root, seed, card=card)
+    test = resolve.load_dataset(test_spec, data_root, seed, card=card, reading=reading)
     options = {name: {"epochs": epochs} for name in chosen if get_method(name).kind == "finetune"}
     with outputs.staged_folder(plan.folder) as staging:
         rows = run_compare(model, chosen, data=train, clean=clean, val=val_data, feedback=feedback, test=test,

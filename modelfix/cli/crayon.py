@@ -15,7 +15,7 @@ from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
 from .config import recorded_invocation
-from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
+from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
                      StrictOpt, checkpoint_options, repair_job_common)
 
 feedback_app = typer.Typer(help="Yes/no feedback for CRAYON: neuron galleries, saliency maps, simulated verdicts.",
@@ -31,9 +31,9 @@ PatchOpt = Annotated[Optional[int], typer.Option("--patch", help="Patch side in 
 BatchOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")]
 
 
-def _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint: dict):
+def _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint: dict, reading: dict):
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
-    dataset = load_dataset(data, data_root, seed, masks, class_names=card.class_names)
+    dataset = load_dataset(data, data_root, seed, masks, card=card, reading=reading)
     check_fits(dataset, card, data)
     return model, card, dataset
 
@@ -47,6 +47,7 @@ def _maps(model, dataset, layer, batch_size):
 @feedback_app.command("gallery", epilog="Example: modelfix feedback gallery runs/cnn.safetensors --data data/train -o gallery/")
 @handles_errors
 @checkpoint_options
+@data_options
 def feedback_gallery(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: neuron_NNNN.png, index.html, patches.json, neurons.csv.")],
@@ -60,6 +61,7 @@ def feedback_gallery(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Per channel of a layer, the top-k activating image patches as one PNG grid, an index page and a blank
     neurons.csv to fill with yes (keep) / no (prune)."""
@@ -67,7 +69,7 @@ def feedback_gallery(
 
     if top_k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {top_k}")
-    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint)
+    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint, reading)
     summary = write_gallery(model, dataset, output, layer=layer, k=top_k, patch=patch, batch_size=batch_size)
     if json_output:
         print(json.dumps(summary, default=str))
@@ -79,6 +81,7 @@ def feedback_gallery(
 @feedback_app.command("saliency", epilog="Example: modelfix feedback saliency runs/cnn.safetensors --data data/train -o maps/")
 @handles_errors
 @checkpoint_options
+@data_options
 def feedback_saliency(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: overlay PNGs, maps.safetensors, samples.csv.")],
@@ -90,12 +93,13 @@ def feedback_saliency(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Per sample, the true-class Grad-CAM map (|input gradient| for nets without conv) as an overlay PNG, all maps
     in maps.safetensors, and a blank samples.csv to fill with yes / no / maybe."""
     from ..feedback import write_saliency
 
-    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint)
+    model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint, reading)
     summary = write_saliency(model, dataset, output, _maps(model, dataset, layer, batch_size))
     if json_output:
         print(json.dumps(summary, default=str))
@@ -106,6 +110,7 @@ def feedback_saliency(
 @feedback_app.command("simulate", epilog="Example: modelfix feedback simulate runs/mlp.safetensors --kind samples --data decoy-mnist:train -o samples.csv")
 @handles_errors
 @checkpoint_options
+@data_options
 def feedback_simulate(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="The filled feedback file (.csv).")],
@@ -126,6 +131,7 @@ def feedback_simulate(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """The papers' automated verdicts from the artifact masks, so benchmarks and users without annotators can run
     CRAYON end to end. The thresholds go into the file's header."""
@@ -141,7 +147,7 @@ def feedback_simulate(
     from ..app.outputs import OutputPlan
 
     OutputPlan(files=[] if overwrite else [output], inputs=[model_path, data, masks], folder_option="-o").check()
-    model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint)
+    model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint, reading)
     judged = corner_region(dataset, corner_size) if region == "corners" else dataset
     if kind == "neurons":
         if top_k < 1:
@@ -170,6 +176,7 @@ def feedback_simulate(
 @app.command("prune-crayon", epilog="Example: modelfix prune-crayon runs/cnn.safetensors --feedback gallery/neurons.csv --data data/train -o runs/pruned.safetensors")
 @handles_errors
 @checkpoint_options
+@data_options
 def prune_crayon(
     model_path: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned .safetensors (a stock checkpoint).", rich_help_panel="Output")],
@@ -191,6 +198,7 @@ def prune_crayon(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """CRAYON-PRUNING: zero the channels people answered "no", then fine-tune only the last linear layer."""
     from ..app.repair import RepairJob, repair_files
@@ -206,7 +214,7 @@ def prune_crayon(
                     options={"layer": layer, "random": random, "epochs": epochs, "lr": lr, "weight_decay": weight_decay},
                     data=data, feedback=feedback, report=report, eval_data=eval_data, artifact=artifact, config=settings,
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
-    job.invocation = recorded_invocation()
+    job.invocation, job.reading = recorded_invocation(), reading or {}
     result, document = repair_files(job)
     trace = document["trace"]
     document["config"]["layer"] = trace["layer"]

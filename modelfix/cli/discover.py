@@ -15,7 +15,7 @@ from rich.table import Table
 from ..app.resolve import data_info, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, bench_app, err, handles_errors, out
-from .options import (DataRootOpt, DeviceOpt, JsonOpt, SeedOpt, checkpoint_options)
+from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, SeedOpt, checkpoint_options)
 
 
 def _default_data(card) -> str:
@@ -32,6 +32,7 @@ def _default_data(card) -> str:
 @app.command("discover", epilog="Example: modelfix discover runs/shortcut.safetensors --data tagged-digits:train -o discover/ --export 8:0")
 @handles_errors
 @checkpoint_options
+@data_options
 def discover_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: index.html, clusters.json (and export/ with --export).", rich_help_panel="Output")],
@@ -52,6 +53,7 @@ def discover_command(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Find shortcuts nobody told you about: explain each class's evidence, cluster the heatmaps (spectral
     clustering, eigengap), rank the clusters by how suspicious they are; --export turns one into repair inputs."""
@@ -76,7 +78,7 @@ def discover_command(
     OutputPlan(folder=output, inputs=inputs, folder_option="-o").check()
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     spec = data or _default_data(card)
-    dataset = load_dataset(spec, data_root, seed, card=card)
+    dataset = load_dataset(spec, data_root, seed, card=card, reading=reading)
     wanted = [c for c in classes.split(",") if c.strip()] if classes else None
     chosen = parse_export(export, dataset.class_names) if export and export.strip() != "suspicious" else None
     for cls, _ in chosen or ():

@@ -13,12 +13,13 @@ from ..app.resolve import (check_fits, data_info, default_test_split, device_nam
                            parse_floats)
 from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
-from .options import (DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt, checkpoint_options)
+from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt, checkpoint_options)
 
 
 @app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels correlated,random")
 @handles_errors
 @checkpoint_options
+@data_options
 def evaluate(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     data: Annotated[Optional[str], typer.Option("--data", help="A folder, a bundle or SCENARIO[:SPLIT] (default: the test split of the scenario the model was trained on).", rich_help_panel="Data")] = None,
@@ -37,6 +38,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Accuracy on clean and poisoned data: per class, per group, macro- and worst-group, and the drops."""
     from ..checkpoint import sha256_file
@@ -70,7 +72,7 @@ def evaluate(
                           folder_option="-o").check()
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     spec = data or default_test_split(card)
-    dataset = load_dataset(spec, data_root, seed, masks, class_names=card.class_names)
+    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading)
     check_fits(dataset, card, spec)
     artifact_spec = artifact or card.artifact
     art = parse_artifact(artifact_spec) if artifact_spec else None

@@ -16,7 +16,7 @@ import typer
 from ..app.resolve import check_fits, data_info, default_test_split, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, err, handles_errors
-from .options import (DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, SeedOpt, checkpoint_options)
+from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, SeedOpt, checkpoint_options)
 
 SCHEMA = "modelfix.explain/v1"
 
@@ -53,6 +53,7 @@ def _stats(values) -> dict:
 @app.command("explain", epilog="Example: modelfix explain runs/shortcut.safetensors --data decoy-digits:test-contaminated --method lrp --target pred -o explain/")
 @handles_errors
 @checkpoint_options
+@data_options
 def explain(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new folder: heatmaps/, inputs/, attributions.npz, explain.json.", rich_help_panel="Output")],
@@ -73,6 +74,7 @@ def explain(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Heatmaps of the evidence for a class (LRP through zennit, gradients, integrated gradients, SmoothGrad,
     Grad-CAM) as PNGs, with the raw attributions; the model is left exactly as it was."""
@@ -110,7 +112,7 @@ def explain(
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     composite = composite or default_composite(model)
     spec = data or default_test_split(card)
-    dataset = load_dataset(spec, data_root, seed, masks, class_names=card.class_names)
+    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading)
     check_fits(dataset, card, spec)
     n = len(dataset) if limit == 0 else min(limit, len(dataset))
     subset = dataset.subset(torch.arange(n))

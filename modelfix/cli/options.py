@@ -48,17 +48,42 @@ def checkpoint_options(command: Callable) -> Callable:
     """Give a command the options of a card-less checkpoint (`--trust-checkpoint`, `--arch`, `--num-classes`,
     `--in-channels`, `--input-size`, `--mean`, `--std`), declared once, here: the command receives them as one
     keyword `checkpoint: dict`, ready for `modelfix.app.resolve.load_checkpoint(path, device=…, **checkpoint)`."""
+    def pack(values: dict) -> dict:
+        return {"trust": values.pop("trust_checkpoint"), **values}
+
+    return option_group(command, "checkpoint", CHECKPOINT_OPTIONS, pack)
+
+
+ResizeOpt = Annotated[Optional[str], typer.Option("--resize", help="Bring images of other sizes to the model's input: shorter (shorter side to size/crop-pct, centre crop), plain, or none (same size required). Masks follow with nearest neighbours.", rich_help_panel="Data")]
+CropPctOpt = Annotated[float, typer.Option("--crop-pct", help="--resize shorter: the centre crop's share of the resized image (timm's convention).", rich_help_panel="Data")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes decoding images (0: in this process).", rich_help_panel="Data")]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (listed in the log and counted) instead of stopping.", rich_help_panel="Data")]
+MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Refuse images larger than this many pixels, from the header (decompression bombs).", rich_help_panel="Data")]
+ColumnOpt = Annotated[Optional[str], typer.Option("--columns", help="Manifest columns as path=COL,label=COL[,mask=COL,group=COL] (default: path,label,mask,group).", rich_help_panel="Data")]
+DATA_OPTIONS = (("resize", ResizeOpt, None), ("crop_pct", CropPctOpt, 0.875), ("workers", WorkersOpt, 0),
+                ("skip_bad", SkipBadOpt, False), ("max_pixels", MaxPixelsOpt, 2**28), ("columns", ColumnOpt, None))
+
+
+def data_options(command: Callable) -> Callable:
+    """Give a command the options of how images are read (`--resize`, `--crop-pct`, `--workers`, `--skip-bad`,
+    `--max-pixels`, `--columns`), declared once, here: the command receives them as one keyword `reading: dict`,
+    ready for `modelfix.app.resolve.load_dataset(..., reading=reading)`."""
+    return option_group(command, "reading", DATA_OPTIONS, lambda values: values)
+
+
+def option_group(command: Callable, keyword: str, options: tuple, pack: Callable[[dict], dict]) -> Callable:
+    """`command` with the `options` ((name, annotated type, default), …) added to its signature; their values reach
+    it packed into one keyword argument `keyword`."""
     signature = inspect.signature(command, eval_str=True)
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in CHECKPOINT_OPTIONS]
+             for name, annotation, default in options]
     kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
-            for p in signature.parameters.values() if p.name != "checkpoint"]
+            for p in signature.parameters.values() if p.name != keyword]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        values = {name: kwargs.pop(name) for name, _, _ in CHECKPOINT_OPTIONS}
-        checkpoint = {"trust": values.pop("trust_checkpoint"), **values}
-        return command(*args, checkpoint=checkpoint, **kwargs)
+        values = {name: kwargs.pop(name) for name, _, _ in options}
+        return command(*args, **{keyword: pack(values)}, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=kept + added)
     return wrapper

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
 from .config import recorded_invocation
-from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, OverwriteOpt, SeedOpt, StrictOpt,
+from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, OverwriteOpt, SeedOpt, StrictOpt,
                      checkpoint_options, repair_job_common)
 
 CleanDirOpt = Annotated[Optional[str], typer.Option("--clean-dir", help="Approved samples: an image folder DIR/<class>/..., a .npz/.safetensors bundle, or SCENARIO:SPLIT.", rich_help_panel="Data")]
@@ -82,6 +82,7 @@ def _print_trace(trace: dict, fold_info: dict | None) -> None:
 @app.command("prune-egem", epilog="Example: modelfix prune-egem runs/model.safetensors --clean-dir data/clean -o runs/egem.safetensors")
 @handles_errors
 @checkpoint_options
+@data_options
 def prune_egem(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: OutputOpt,
@@ -112,6 +113,7 @@ def prune_egem(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """EGEM / PCA-EGEM soft-pruning from approved samples, no training (Linhardt et al.)."""
     from ..app.repair import RepairJob, repair_files
@@ -136,7 +138,7 @@ def prune_egem(
     job = RepairJob("prune-egem", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     approve_mask=approve_mask, report=report, eval_data=eval_data, artifact=artifact,
                     config=settings, **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
-    job.invocation = recorded_invocation()
+    job.invocation, job.reading = recorded_invocation(), reading or {}
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)
 
@@ -144,6 +146,7 @@ def prune_egem(
 @app.command("refit", epilog="Example: modelfix refit runs/model.safetensors --clean-dir data/clean --method rgem -o runs/rgem.safetensors")
 @handles_errors
 @checkpoint_options
+@data_options
 def refit(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: OutputOpt,
@@ -166,6 +169,7 @@ def refit(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """RGEM / Ridge: closed-form float64 refit of the last linear layer on approved samples."""
     from ..app.repair import RepairJob, repair_files
@@ -181,6 +185,6 @@ def refit(
     job = RepairJob("refit", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     report=report, eval_data=eval_data, artifact=artifact, config=settings,
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
-    job.invocation = recorded_invocation()
+    job.invocation, job.reading = recorded_invocation(), reading or {}
     result, document = repair_files(job)
     _finish(result, document, output, report, json_output, strict)

@@ -18,7 +18,7 @@ from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
 from .config import recorded_invocation
-from .options import (ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
+from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
                      SeedOpt, StdOpt, StrictOpt, checkpoint_options, repair_job_common)
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> 
     if train_accuracy:
         from ..training import accuracy
 
-        doc["train_accuracy"] = accuracy(result.model, load_dataset(job.data, job.data_root, job.seed, job.masks))
+        doc["train_accuracy"] = accuracy(result.model, load_dataset(job.data, job.data_root, job.seed, job.masks, reading=job.reading))
     if json_output:
         print(json.dumps({k: v for k, v in doc.items() if k != "heatmaps"}))
     else:
@@ -142,6 +142,7 @@ def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> 
 
 @app.command(epilog="Example: modelfix train --arch mlp --data decoy-digits:train -o runs/shortcut.safetensors")
 @handles_errors
+@data_options
 def train(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the trained .safetensors.", rich_help_panel="Output")],
     arch: Annotated[str, typer.Option("--arch", help="Architecture (see `modelfix archs`).", rich_help_panel="Model")] = "mlp",
@@ -184,6 +185,7 @@ def train(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
+    reading: Optional[dict] = None,
 ) -> None:
     """Train a model from random initialisation, with plain ERM or a guided objective (how the papers train)."""
     import torch
@@ -198,7 +200,7 @@ def train(
                        eps_start)
     dev = device_name(device)
     base = default_input_spec(arch)
-    probe = load_dataset(data, data_root, seed, masks)  # the data decide channels, size and classes of a new model
+    probe = load_dataset(data, data_root, seed, masks, reading=reading)  # the data decide channels, size and classes of a new model
     c, h, w = probe.shape
     spec = InputSpec(channels=c, height=h, width=w,
                      mean=parse_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
@@ -214,13 +216,14 @@ def train(
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, data_root=data_root, seed=seed, device=dev, batch_size=batch_size,
                     overwrite=overwrite, config=config.to_dict())
-    job.invocation = recorded_invocation()
+    job.invocation, job.reading = recorded_invocation(), reading or {}
     _run(job, json_output, strict, train_accuracy=True)
 
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
 @handles_errors
 @checkpoint_options
+@data_options
 def finetune(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned .safetensors.", rich_help_panel="Output")],
@@ -262,6 +265,7 @@ def finetune(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR, the R4 family, IBP-Ex, PGD-Ex, CRAYON-ATTENTION)
     or a baseline (retrain, erm-l2, erm)."""
@@ -275,13 +279,14 @@ def finetune(
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, config=config.to_dict(),
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
-    job.invocation = recorded_invocation()
+    job.invocation, job.reading = recorded_invocation(), reading or {}
     _run(job, json_output, strict)
 
 
 @app.command(epilog="Example: modelfix annotate runs/teacher.safetensors --data data/train --tau 0.01 -o masks/")
 @handles_errors
 @checkpoint_options
+@data_options
 def annotate(
     teacher_path: Annotated[Path, typer.Argument(metavar="TEACHER", help="A model trained on a small clean split (a .safetensors checkpoint).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new mask folder mirroring an image folder, or a .npz/.safetensors bundle (any data).", rich_help_panel="Output")],
@@ -294,6 +299,7 @@ def annotate(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
+    reading: Optional[dict] = None,
 ) -> None:
     """Teacher masks: per image, the τ-fraction of pixels with the lowest input-gradient saliency of the teacher."""
     from ..repair.annotate import annotate as run_annotate
@@ -308,7 +314,7 @@ def annotate(
     OutputPlan(folder=None if bundle else output, files=[output] if bundle else [], inputs=[teacher_path, data],
                folder_option="-o").check()
     model, card = load_checkpoint(teacher_path, device=device_name(device), **checkpoint)
-    dataset = load_dataset(data, data_root, seed, class_names=card.class_names)
+    dataset = load_dataset(data, data_root, seed, card=card, reading=reading)
     check_fits(dataset, card, data)
     masked = run_annotate(None if random else model, dataset, tau=tau, random=random, seed=seed, batch_size=batch_size)
     written = write_masks(masked, output)

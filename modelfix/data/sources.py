@@ -243,8 +243,8 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
             what = "channel counts" if arr.shape[0] != arrays[0].shape[0] else "sizes"
             raise DataError(f"images in {image_root} differ in {what}: {first} is "
                             f"{'×'.join(map(str, arrays[0].shape))} but {f} is {'×'.join(map(str, arr.shape))}",
-                            hint="resize or convert the images to one size and one colour mode, or give a resize "
-                                 "policy (load_data(..., input_spec=..., resize='shorter'))")
+                            hint="pass --resize shorter (or plain) to bring every image to the model's input "
+                                 "(library: load_data(..., input_spec=card.input, resize='shorter'))")
         arrays.append(arr)
     x = torch.from_numpy(np.stack(arrays))
     n, _, h, w = x.shape

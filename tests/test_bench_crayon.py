@@ -79,3 +79,33 @@ def test_options_validated_before_loading(options, words):
     with pytest.raises(ModelfixError, match=words.replace("(", r"\(")) as err:
         crayon_mnist.run(data_root="/nonexistent", progress=False, **options)
     assert "\n" not in str(err.value)
+
+
+def test_beta_and_lambda_lists_are_chosen_on_validation_only(monkeypatch):
+    """Lists of β and λ: each candidate is scored on the permuted VALIDATION split (before any test split), the best
+    validation accuracy wins (ties: the smaller), and the choice and the preprint's lr schedule reach the result."""
+    scored = []
+    real = crayon_mnist.metrics
+
+    def spy(pred, data):
+        scored.append(data.name)
+        return real(pred, data)
+
+    monkeypatch.setattr(crayon_mnist, "metrics", spy)
+    out = crayon_mnist.run(scenario="decoy-digits", seeds=1, train_size=120, test_size=40, original_epochs=1,
+                           attention_epochs=2, beta=[3.0, 0.3], rrr_lam=[1e-6, 1e-2], lr_schedule="exponential",
+                           methods=("original", "crayon-attention", "rrr"), progress=False)
+    # original: 2 tests; crayon-attention: 2 candidates on val, then 2 tests; rrr likewise
+    val, tests = "decoy-digits:val-permuted", ["decoy-digits:test-permuted", "decoy-digits:test-contaminated"]
+    assert scored == tests + [val, val] + tests + [val, val] + tests
+    for method, values in (("crayon-attention", [0.3, 3.0]), ("rrr", [1e-6, 1e-2])):
+        (row,) = [r for r in out["runs"] if r["method"] == method]
+        candidates = row["selection"]["candidates"]
+        assert [c["value"] for c in candidates] == values
+        best = max(candidates, key=lambda c: (c["val_accuracy"], -c["value"]))
+        assert row["chosen"] == row["selection"]["chosen"] == best["value"]
+        assert out["methods"][method]["chosen"] == [best["value"]]
+    assert out["settings"]["mlp"]["lr_schedule"].startswith("x0.975")
+    assert out["settings"]["mlp"]["selected_on"] == "val-permuted"
+    (row,) = [r for r in out["runs"] if r["method"] == "crayon-attention"]
+    assert row["final_loss"]["lr"] == pytest.approx(1e-3 * 0.975)  # epoch 2 of the exponential schedule

@@ -180,3 +180,27 @@ def test_dry_run_leaves_no_hooks_and_restores_training_flags():
     assert model.training and model.net.conv1.training and not model.net.relu2.training
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["egem-cnn", "egem-cnn-ref", "tap-cnn", "crayon-mlp", "derma-cnn"])
+def test_small_net_points_are_the_inputs_of_egem_fulls_consumers(arch):
+    """egem and egem-full refine the same places: each default point's output is exactly what the matching consumer
+    layer (every Conv/Linear after the first) receives, checked by hooks on one forward pass."""
+    from modelfix.repair.egem_full import find_consumers
+
+    model = make(arch)
+    points, consumers = find_points(model), find_consumers(model)
+    assert len(points) == len(consumers)
+    seen = {}
+    hooks = [model.net.get_submodule(p.name).register_forward_hook(
+        lambda m, a, out, name=p.name: seen.__setitem__(name, out.detach().clone())) for p in points]
+    hooks += [model.net.get_submodule(c).register_forward_pre_hook(
+        lambda m, a, name=c: seen.__setitem__(name, a[0].detach().clone())) for c in consumers]
+    torch.manual_seed(0)
+    spec = model.input_spec
+    with torch.no_grad():
+        model.eval()(torch.rand(2, spec.channels, spec.height, spec.width))
+    for h in hooks:
+        h.remove()
+    for point, consumer in zip(points, consumers):
+        assert torch.equal(seen[point.name].flatten(1), seen[consumer].flatten(1)), (point.name, consumer)

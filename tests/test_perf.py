@@ -1,0 +1,112 @@
+"""Exactness of the speed-ups (issue 19): every fast path against the straightforward implementation it replaced,
+re-typed here, on the same inputs."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modelfix.data import Dataset, parse_artifact, poison
+from modelfix.data.poison import poisoned_chunks
+
+
+# ---- poisoning ---------------------------------------------------------------------------------------------------
+
+
+def _old_corner_apply(art, x, colour_labels, gen):
+    """CornerPatch.apply as it was: two coin vectors, a full-size bool mask, a torch.where over the batch."""
+    n, _, h, w = x.shape
+    s = art.size
+    if art.corners == "all":
+        bottom = torch.randint(0, 2, (n,), generator=gen).bool()
+        right = torch.randint(0, 2, (n,), generator=gen).bool()
+    else:
+        chosen = art.corners.split("+")
+        pick = torch.randint(0, len(chosen), (n,), generator=gen)
+        bottom = torch.tensor([c[0] == "b" for c in chosen])[pick]
+        right = torch.tensor([c[1] == "r" for c in chosen])[pick]
+    level = torch.full((n,), art.fixed_level) if colour_labels is None else art.levels()[colour_labels]
+    row0, col0 = torch.where(bottom, h - s, 0), torch.where(right, w - s, 0)
+    rows, cols = torch.arange(h), torch.arange(w)
+    in_rows = (rows[None] >= row0[:, None]) & (rows[None] < row0[:, None] + s)
+    in_cols = (cols[None] >= col0[:, None]) & (cols[None] < col0[:, None] + s)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+    return torch.where(mask, level.view(n, 1, 1, 1), x), mask.float()
+
+
+def _old_poison(data, art, level, labels, seed, chunk):
+    """poison() as it was: clone x and mask, paste chunk by chunk through apply, scatter back."""
+    gen = torch.Generator().manual_seed(seed)
+    eligible = (torch.nonzero(data.y == art.target).flatten() if labels == "correlated" and art.target is not None
+                else torch.arange(len(data)))
+    k = round(level * len(eligible))
+    chosen = eligible[torch.randperm(len(eligible), generator=gen)[:k]].sort().values
+    colours = None
+    if art.label_coloured:
+        colours = data.y[chosen] if labels == "correlated" else (
+            torch.randint(0, data.num_classes, (k,), generator=gen) if labels == "random" else None)
+    x, mask = data.x.clone(), data.mask.clone()
+    for start in range(0, k, chunk):
+        idx = chosen[start:start + chunk]
+        part = None if colours is None else colours[start:start + chunk]
+        if art.kind == "corner-patch":
+            x_new, fp = _old_corner_apply(art, data.x[idx], part, gen)
+        else:
+            x_new, fp = art.apply(data.x[idx], part, gen)
+        x[idx], mask[idx] = x_new, fp
+    return chosen, x, mask
+
+
+@pytest.fixture
+def tag_png(tmp_path):
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[:, :3] = (200, 50, 20, 255)
+    rgba[1, 0, 3] = 128
+    path = tmp_path / "tag.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("spec", ["corner-patch", "corner-patch,corners=tl+br,size=3", "pixels:egem",
+                                  "pixels:egem,target=none", "stripe@left,width=2", "IMAGE"])
+@pytest.mark.parametrize("labels", ["correlated", "random", "none"])
+def test_poison_equals_the_previous_implementation(spec, labels, tag_png, monkeypatch):
+    monkeypatch.setattr(sys.modules[poisoned_chunks.__module__], "CHUNK", 7)  # several chunks: the generator's draws per chunk matter
+    art = parse_artifact(f"image:{tag_png}@bottom-right,alpha=0.6" if spec == "IMAGE" else spec)
+    gen = torch.Generator().manual_seed(3)
+    channels = 3 if spec == "IMAGE" else 1
+    data = Dataset(x=torch.rand(40, channels, 9, 10, generator=gen), y=torch.randint(0, 10, (40,), generator=gen),
+                   mask=(torch.rand(40, 1, 9, 10, generator=gen) > 0.7).float(), class_names=list("abcdefghij"))
+    data.y[:6] = 8  # some items of pixels:egem's target class
+    for level in (0.0, 0.3, 1.0):
+        chosen, x_old, mask_old = _old_poison(data, art, level, labels, seed=5, chunk=7)
+        new = poison(data, art, level, labels=labels, seed=5)
+        assert torch.equal(new.x, x_old) and torch.equal(new.mask, mask_old)
+        assert torch.equal(new.info["poisoned"].nonzero().flatten(), chosen)
+        parts = list(poisoned_chunks(data, art, level, labels=labels, seed=5))
+        hit, x_hit, footprint = (torch.cat([p[i] for p in parts]) if parts else None for i in range(3))
+        if not parts:
+            assert len(chosen) == 0
+            continue
+        assert torch.equal(hit, chosen) and torch.equal(x_hit, x_old[chosen])
+        assert torch.equal(footprint.float(), mask_old[chosen])
+
+
+def test_corner_patch_paste_by_hand():
+    """Fixed expectations: a 2×2 patch of grey (255 − 25·y)/255 in one corner, nothing else touched."""
+    art = parse_artifact("corner-patch,size=2")
+    x = torch.zeros(64, 1, 5, 6)
+    y = torch.arange(64) % 10
+    fp = art.paste_(x, y, torch.Generator().manual_seed(0))
+    corners = set()
+    for i in range(64):
+        rows, cols = fp[i, 0].nonzero(as_tuple=True)
+        assert len(rows) == 4 and rows.max() - rows.min() == 1 and cols.max() - cols.min() == 1
+        assert int(rows.min()) in (0, 3) and int(cols.min()) in (0, 4)
+        corners.add((int(rows.min()), int(cols.min())))
+        assert torch.all(x[i, 0][fp[i, 0]] == (255 - 25 * y[i]) / 255) and torch.all(x[i, 0][~fp[i, 0]] == 0)
+    assert len(corners) == 4

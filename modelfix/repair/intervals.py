@@ -54,6 +54,8 @@ def _torchvision_view(module: nn.Module) -> nn.Module | None:
     *same* module objects (shared parameters, so bounds stay differentiable in the model's weights); None for any
     other module. Their `forward` methods call torch.flatten and add the skip in code, which a module walk cannot
     see."""
+    if not any(c.__module__.startswith("torchvision") for c in type(module).__mro__):
+        return None  # importing torchvision costs about 1.7 s; other nets never need it
     from collections import OrderedDict
 
     from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet

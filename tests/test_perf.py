@@ -1,7 +1,6 @@
 """Exactness of the speed-ups (issue 19): every fast path against the straightforward implementation it replaced,
 re-typed here, on the same inputs."""
 
-import math
 import subprocess
 import sys
 
@@ -110,3 +109,80 @@ def test_corner_patch_paste_by_hand():
         corners.add((int(rows.min()), int(cols.min())))
         assert torch.all(x[i, 0][fp[i, 0]] == (255 - 25 * y[i]) / 255) and torch.all(x[i, 0][~fp[i, 0]] == 0)
     assert len(corners) == 4
+
+
+# ---- max-pool interval routing ------------------------------------------------------------------------------------
+
+
+def _old_maxpool_backward(pool, lower, upper, gl, gu):
+    """The previous routing: unfold/fold on an (N·C, 1, h, w) view."""
+    import torch.nn.functional as F
+    from torch.nn.modules.utils import _pair
+
+    n, ch, h, w = lower.shape
+    k, s, p, d = (_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    m = F.max_pool2d(lower, k, s, p, d).reshape(n * ch, 1, -1)
+    padded = F.pad(upper.reshape(n * ch, 1, h, w), (p[1], p[1], p[0], p[0]), value=float("-inf"))
+    cand = (F.unfold(padded, k, dilation=d, stride=s) >= m).to(gl.dtype)
+    unique = cand.sum(1, keepdim=True) == 1
+    gl, gu = gl.reshape(n * ch, 1, -1), gu.reshape(n * ch, 1, -1)
+    lo = torch.where(unique, gl, gl.clamp(max=0)) * cand
+    hi = torch.where(unique, gu, gu.clamp(min=0)) * cand
+    fold = lambda t: F.fold(t, (h, w), k, dilation=d, padding=p, stride=s).reshape(n, ch, h, w)  # noqa: E731
+    return fold(lo), fold(hi)
+
+
+@pytest.mark.parametrize("pool", [torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3), torch.nn.MaxPool2d((2, 3)),
+                                  torch.nn.MaxPool2d(3, stride=2, padding=1),
+                                  torch.nn.MaxPool2d(3, stride=1, padding=1), torch.nn.MaxPool2d((2, 3), dilation=2)])
+def test_maxpool_routing_equals_the_previous_routing(pool, monkeypatch):
+    """Whole Cert-R4 bounds and their parameter gradients through a conv net with this pool, new routing vs old."""
+    from torch import nn
+
+    from modelfix.repair import intervals
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten())
+    x = torch.rand(6, 2, 11, 12, generator=gen)
+    net.append(nn.Linear(net(x).shape[1], 3))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    mask = (torch.rand(6, 1, 11, 12, generator=gen) > 0.6).float()
+
+    def bounds_and_grads():
+        net.zero_grad()
+        gl, gu = intervals.input_gradient_bounds(net, x, y, mask, 0.3)
+        (gl.abs() + gu.abs()).sum().backward()
+        return gl.detach(), gu.detach(), [p.grad.clone() for p in net.parameters()]
+
+    new = bounds_and_grads()
+    monkeypatch.setattr(intervals, "_maxpool_backward", _old_maxpool_backward)
+    old = bounds_and_grads()
+    assert (old[0] != 0).any() and (old[1] - old[0]).abs().max() > 0  # a non-trivial case
+    torch.testing.assert_close(new[0], old[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(new[1], old[1], rtol=1e-6, atol=1e-7)
+    for a, b in zip(new[2], old[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_torchvision_nets_never_import_torchvision():
+    code = """
+import sys, torch
+from modelfix.card import ModelCard
+from modelfix.zoo import build_model, default_input_spec
+from modelfix.repair.points import find_points
+from modelfix.repair.guidance.tap import default_tap_layers
+from modelfix.repair.intervals import input_gradient_bounds
+from modelfix.explain.gradcam import default_cam_layer
+for arch in ("mlp", "tap-cnn"):
+    spec = default_input_spec(arch)
+    m = build_model(ModelCard(arch=arch, num_classes=10, input=spec))
+    x = torch.rand(2, spec.channels, spec.height, spec.width)
+    find_points(m)
+    default_cam_layer(m.net)
+    if arch != "mlp":
+        default_tap_layers(m.net)
+    input_gradient_bounds(m, x, torch.tensor([0, 1]), torch.ones(2, 1, spec.height, spec.width), 0.1)
+assert "torchvision" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,7 @@
 """Exactness of the speed-ups (issue 19): every fast path against the straightforward implementation it replaced,
 re-typed here, on the same inputs."""
 
+import math
 import subprocess
 import sys
 
@@ -186,3 +187,75 @@ for arch in ("mlp", "tap-cnn"):
 assert "torchvision" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- refinement split ---------------------------------------------------------------------------------------------
+
+
+class _CountingOracle(torch.nn.Module):
+    """Predicts the class written in pixel (0, 0) and counts the images it sees."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.seen = k, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.seen += len(x)
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long().clamp(0, self.k - 1), self.k).float()
+
+
+def _full_prediction_split(model, data, n, seed, approved=None):
+    """The split from a prediction of the whole pool: the same seeded order, the first n correct items per class,
+    ceil-20 % of them to validation, then the multiplicities drawn in class order."""
+    def _multiplicities(n_unique, total, gen):  # every item total // n times, the rest drawn without replacement
+        counts = torch.full((n_unique,), total // n_unique, dtype=torch.long)
+        counts[torch.randperm(n_unique, generator=gen)[: total % n_unique]] += 1
+        return counts
+
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    with torch.no_grad():
+        correct = model(data.x).argmax(1) == data.y
+    keep = correct if approved is None else correct & approved
+    order = order[keep[order]]
+    fit, val, fit_c, val_c = [], [], [], []
+    n_val_total = math.ceil(0.2 * n)
+    for k in range(data.num_classes):
+        members = order[data.y[order] == k][:n]
+        if len(members) == 0:
+            continue
+        n_val = math.ceil(0.2 * len(members))
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+        val_c.append(_multiplicities(n_val, n_val_total, gen))
+        fit_c.append(_multiplicities(len(members) - n_val, n - n_val_total, gen))
+    return torch.cat(fit), torch.cat(fit_c), torch.cat(val), torch.cat(val_c)
+
+
+@pytest.mark.parametrize("with_approved", [False, True])
+def test_refinement_split_predicts_part_of_the_pool_and_equals_the_full_prediction(with_approved):
+    from modelfix.card import InputSpec
+    from modelfix.repair.refinement import refinement_split
+    from modelfix.zoo import Classifier
+
+    gen = torch.Generator().manual_seed(0)
+    counts = [600, 25, 900, 400]  # class 1 has fewer than N usable items: the walk must see all of it
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])[torch.randperm(sum(counts), generator=gen)]
+    x = torch.zeros(len(y), 1, 2, 2)
+    x[:, 0, 0, 0] = y.float()
+    x[:, 0, 1, 1] = torch.arange(len(y)).float()  # an item id
+    wrong = torch.rand(len(y), generator=gen) < 0.2
+    x[wrong, 0, 0, 0] = ((y[wrong] + 1) % 4).float()
+    data = Dataset(x=x, y=y, class_names=list("abcd"))
+    approved = torch.rand(len(y), generator=gen) < 0.9 if with_approved else None
+    oracle = _CountingOracle(4)
+    model = Classifier(oracle, InputSpec(1, 2, 2, (0.0,), (1.0,))).eval()
+    for seed in (0, 3):
+        oracle.seen = 0
+        split = refinement_split(model, data, samples_per_class=40, seed=seed, approved=approved, batch_size=32)
+        assert oracle.seen == split.summary["predicted"] < len(data)  # stopped early (class 1 sets the pace)
+        fit, fit_c, val, val_c = _full_prediction_split(model, data, 40, seed, approved)
+        ids = lambda d: d.x[:, 0, 1, 1].long()  # noqa: E731
+        assert torch.equal(ids(split.fit), fit) and torch.equal(ids(split.val), val)
+        assert torch.equal(split.fit_counts, fit_c) and torch.equal(split.val_counts, val_c)

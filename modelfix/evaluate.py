@@ -21,16 +21,29 @@ from .progress import progress_bar
 LABEL_MODES = ("correlated", "random", "none")
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Arg-max predictions for a whole tensor, batch by batch, in eval mode (state restored afterwards)."""
+    """Arg-max predictions for a whole tensor, batch by batch, in eval mode (state restored afterwards).
+
+    A net with 2-D convolutions runs in the channels-last layout for the call (weights converted and converted
+    back; the logits agree to float rounding): torch's CPU max-pool and convs are faster there (tap-cnn predicts
+    2.1× faster, docs/benchmarks.md "Performance")."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    layout = torch.channels_last if convs else torch.contiguous_format
     out = torch.empty(len(x), dtype=torch.long)
-    for start in range(0, len(x), batch_size):
-        out[start : start + batch_size] = model(x[start : start + batch_size].to(device)).argmax(1).cpu()
-    model.train(was_training)
+    try:
+        if convs:
+            model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():  # not around the conversions: they must not make the weights inference tensors
+            for start in range(0, len(x), batch_size):
+                batch = x[start : start + batch_size].to(device)
+                out[start : start + batch_size] = model(batch.contiguous(memory_format=layout)).argmax(1).cpu()
+    finally:
+        if convs:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
     return out
 
 

@@ -259,3 +259,46 @@ def test_refinement_split_predicts_part_of_the_pool_and_equals_the_full_predicti
         ids = lambda d: d.x[:, 0, 1, 1].long()  # noqa: E731
         assert torch.equal(ids(split.fit), fit) and torch.equal(ids(split.val), val)
         assert torch.equal(split.fit_counts, fit_c) and torch.equal(split.val_counts, val_c)
+
+
+# ---- inference ------------------------------------------------------------------------------------------------------
+
+
+def test_predict_in_channels_last_equals_the_plain_loop_and_leaves_the_model_trainable():
+    from modelfix.card import ModelCard
+    from modelfix.evaluate import predict
+    from modelfix.zoo import build_model, default_input_spec
+
+    torch.manual_seed(0)
+    model = build_model(ModelCard(arch="tap-cnn", num_classes=10, input=default_input_spec("tap-cnn"))).train()
+    x = torch.rand(70, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.eval()
+        logits = model(x)
+        model.train()
+    top2 = logits.topk(2, 1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # no near-ties, so float rounding cannot flip an arg-max
+    assert torch.equal(predict(model, x, batch_size=32), logits.argmax(1))
+    assert model.training and all(p.is_contiguous() for p in model.parameters())
+    torch.nn.functional.cross_entropy(model(x[:4]), torch.zeros(4, dtype=torch.long)).backward()  # still trainable
+
+
+# ---- runtime --------------------------------------------------------------------------------------------------------
+
+
+def test_runtime_configure_and_opt_out(monkeypatch):
+    from modelfix import runtime
+
+    before = torch.get_num_threads()
+    try:
+        assert runtime.set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert runtime.set_threads(0) == (__import__("os").cpu_count() or 1)
+        with pytest.raises(ValueError):
+            runtime.set_threads(-1)
+        monkeypatch.setenv("MODELFIX_NO_MALLOPT", "1")
+        assert runtime.configure(threads=1) == {"mallopt": False, "threads": 1}
+        monkeypatch.delenv("MODELFIX_NO_MALLOPT")
+        glibc = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
+        assert runtime.configure_allocator() is glibc
+    finally:
+        torch.set_num_threads(before)

@@ -302,3 +302,75 @@ def test_runtime_configure_and_opt_out(monkeypatch):
         assert runtime.configure_allocator() is glibc
     finally:
         torch.set_num_threads(before)
+
+
+def _reference_gradient_bounds(net, x, y, mask, eps):
+    """Cert-R4's input-gradient bounds written out plainly for Sequential(conv, relu, pool, …, flatten, linear):
+    centre/radius forward, extremal-softmax CE bounds, then per layer the textbook pull-back (affine: adjoint of
+    the centre ± adjoint-with-|W| of the radius; ReLU: min/max of the four end products; max-pool: the previous
+    unfold routing)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    lower, upper = x - eps * mask, x + eps * mask
+    saved = []
+    for m in net:
+        saved.append((lower, upper))
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            c, r = (lower + upper) / 2, (upper - lower) / 2
+            c = m(c)
+            r = F.conv2d(r, m.weight.abs(), None, m.stride, m.padding) if isinstance(m, nn.Conv2d) \
+                else F.linear(r, m.weight.abs())
+            lower, upper = c - r, c + r
+        else:
+            lower, upper = m(lower), m(upper)
+    k = lower.shape[1]
+    p_l = torch.stack([F.softmax(torch.where(torch.arange(k) == j, lower, upper), 1)[:, j] for j in range(k)], 1)
+    p_u = torch.stack([F.softmax(torch.where(torch.arange(k) == j, upper, lower), 1)[:, j] for j in range(k)], 1)
+    onehot = F.one_hot(y, k).float()
+    gl, gu = p_l - onehot, p_u - onehot
+    for m, (lo, up) in reversed(list(zip(net, saved))):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def adjoint(weight, g, m=m, lo=lo):
+                probe = torch.zeros_like(lo, requires_grad=True)
+                out = F.conv2d(probe, weight, None, m.stride, m.padding) if isinstance(m, nn.Conv2d) \
+                    else F.linear(probe, weight)
+                return torch.autograd.grad(out, probe, g, create_graph=True)[0]
+            c, r = adjoint(m.weight, (gl + gu) / 2), adjoint(m.weight.abs(), (gu - gl) / 2)
+            gl, gu = c - r, c + r
+        elif isinstance(m, nn.ReLU):
+            dl, du = (lo > 0).float(), (up > 0).float()
+            ends = torch.stack([gl * dl, gl * du, gu * dl, gu * du])
+            gl, gu = ends.min(0).values, ends.max(0).values
+        elif isinstance(m, nn.MaxPool2d):
+            gl, gu = _old_maxpool_backward(m, lo, up, gl, gu)
+        elif isinstance(m, nn.Flatten):
+            gl, gu = gl.reshape(lo.shape), gu.reshape(lo.shape)
+    return gl, gu
+
+
+@pytest.mark.parametrize("pool", [torch.nn.MaxPool2d(2), torch.nn.MaxPool2d(3, stride=2, padding=1)])
+def test_conv_gradient_bounds_and_their_parameter_gradients_equal_the_plain_reference(pool):
+    from torch import nn
+
+    from modelfix.repair.intervals import input_gradient_bounds
+
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten())
+    x = torch.rand(5, 2, 12, 12, generator=gen)
+    net.append(nn.Linear(net(x).shape[1], 4))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    mask = (torch.rand(5, 1, 12, 12, generator=gen) > 0.5).float()
+    results = []
+    for fn in (input_gradient_bounds, None):
+        net.zero_grad()
+        gl, gu = fn(net, x, y, mask, 0.2) if fn else _reference_gradient_bounds(net, x, y, mask, 0.2)
+        (gl.abs() + gu.abs()).sum().backward()
+        results.append((gl.detach(), gu.detach(), [p.grad.clone() for p in net.parameters()]))
+    (nl, nu, ng), (rl, ru, rg) = results
+    assert (ru - rl).abs().max() > 0 and (rl != 0).float().mean() > 0.2
+    torch.testing.assert_close(nl, rl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nu, ru, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ng, rg):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -121,9 +121,10 @@ def masked_box(
 
 @dataclass
 class Step:
-    """One traced layer: its kind, the module, the interval of its *input* (for a ReLU: only whether the
-    pre-activation bounds are > 0, bool, which is all the backward pass needs) and, for a Residual, the traces of
-    its two branches."""
+    """One traced layer: its kind, the module, the interval of its *input* as far as the backward pass reads it
+    (max-pool: the bounds; ReLU: whether they are > 0, bool; other layers: the shape alone, an expanded
+    one-element tensor, so a trace does not keep every layer's bounds alive) and, for a Residual, the traces of
+    its two branches and its input bounds."""
 
     kind: str
     name: str
@@ -239,6 +240,8 @@ def _forward(module: nn.Module, name: str, lower: torch.Tensor, upper: torch.Ten
         out = (lower, upper)
     else:
         raise _unsupported(name, module)
+    if kind != "maxpool":  # the backward pass reads only the input's shape here: holding the bounds costs memory
+        lower = upper = lower.new_empty((1,) * lower.dim()).expand(lower.shape)
     trace.append(Step(kind, name, module, lower, upper))
     return out
 

@@ -35,16 +35,23 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     out = torch.empty(len(x), dtype=torch.long)
     try:
         if convs:
-            model.to(memory_format=torch.channels_last)
-        with torch.inference_mode():  # not around the conversions: they must not make the weights inference tensors
+            _convert(model, torch.channels_last)
+        with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 batch = x[start : start + batch_size].to(device)
                 out[start : start + batch_size] = model(batch.contiguous(memory_format=layout)).argmax(1).cpu()
     finally:
         if convs:
-            model.to(memory_format=torch.contiguous_format)
+            _convert(model, torch.contiguous_format)
         model.train(was_training)
     return out
+
+
+def _convert(model: nn.Module, layout: torch.memory_format) -> None:
+    """The weights in `layout`, made outside inference mode even when the caller is in it: weights created there
+    would be inference tensors, and the model could no longer be trained."""
+    with torch.inference_mode(False):
+        model.to(memory_format=layout)
 
 
 def _rates(correct: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -279,6 +279,8 @@ def test_predict_in_channels_last_equals_the_plain_loop_and_leaves_the_model_tra
     top2 = logits.topk(2, 1).values
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # no near-ties, so float rounding cannot flip an arg-max
     assert torch.equal(predict(model, x, batch_size=32), logits.argmax(1))
+    with torch.inference_mode():  # a caller in inference mode (weighted_accuracy) must not spoil the weights
+        assert torch.equal(predict(model, x, batch_size=32), logits.argmax(1))
     assert model.training and all(p.is_contiguous() for p in model.parameters())
     torch.nn.functional.cross_entropy(model(x[:4]), torch.zeros(4, dtype=torch.long)).backward()  # still trainable
 

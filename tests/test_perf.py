@@ -75,7 +75,8 @@ def tag_png(tmp_path):
                                   "pixels:egem,target=none", "stripe@left,width=2", "IMAGE"])
 @pytest.mark.parametrize("labels", ["correlated", "random", "none"])
 def test_poison_equals_the_previous_implementation(spec, labels, tag_png, monkeypatch):
-    monkeypatch.setattr(sys.modules[poisoned_chunks.__module__], "CHUNK", 7)  # several chunks: the generator's draws per chunk matter
+    # several chunks: the generator draws once per chunk
+    monkeypatch.setattr(sys.modules[poisoned_chunks.__module__], "CHUNK", 7)
     art = parse_artifact(f"image:{tag_png}@bottom-right,alpha=0.6" if spec == "IMAGE" else spec)
     gen = torch.Generator().manual_seed(3)
     channels = 3 if spec == "IMAGE" else 1

@@ -7,6 +7,7 @@ gives the same poisoned items and the same artifact placements everywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -15,24 +16,15 @@ from .artifacts import Artifact, parse_artifact
 from .dataset import Dataset
 
 LABEL_MODES = ("correlated", "random", "none")
-CHUNK = 8192  # items pasted per call, to bound the temporary memory of `apply`
+CHUNK = 8192  # items pasted per call (the artifact draws its randomness once per call)
 
 
-def poison(data: Dataset, artifact: Artifact | str | dict, level: float, labels: str = "correlated",
-           seed: int = 0) -> Dataset:
-    """A new dataset with `artifact` pasted on exactly round(level · n_eligible) items chosen by a seeded permutation.
-
-    - `correlated`: a label-coloured artifact encodes each item's true label; an artifact with a `target` class is
-      eligible only on items of that class (how training data is built);
-    - `random`: a label-coloured artifact encodes a uniformly random label in [0, K) (1 in K still matches);
-      `target` is ignored;
-    - `none`: a label-coloured artifact uses its fixed colour; `target` is ignored.
-
-    The returned mask is the artifact's footprint on poisoned items and the original mask elsewhere; `has_mask`
-    is set on poisoned items; `info["poisoned"]` is the boolean vector, `info["artifact"]` the spec and
-    `info["poison"]` the settings. One `torch.Generator(seed)` draws, in order, the permutation, the random
-    colours and the artifact's own randomness (corners). The input dataset is never modified.
-    """
+def poisoned_chunks(data: Dataset, artifact: Artifact | str | dict, level: float, labels: str = "correlated",
+                    seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, images, footprints) of the items `poison` pastes on, CHUNK items at a time in index order: a
+    pasted copy of those items only and their footprints (bool n×1×H×W). `evaluate` predicts these without
+    copying the rest of the dataset; `poison` writes them into its copy. The same items, draws and pixels as
+    `poison` (whose docstring has the rules); bad arguments are refused here, before the first chunk."""
     artifact = parse_artifact(artifact)
     try:
         level = float(level)
@@ -60,20 +52,45 @@ def poison(data: Dataset, artifact: Artifact | str | dict, level: float, labels:
         elif labels == "random":
             colours = torch.randint(0, data.num_classes, (k,), generator=gen)
 
+    def chunks():
+        # One generator call per CHUNK items, as always (the artifact's draws depend on it). Each chunk is one
+        # copy of its images; the artifact writes only its own pixels into it.
+        for start in range(0, k, CHUNK):
+            idx = chosen[start:start + CHUNK]
+            x = data.x[idx]
+            footprint = artifact.paste_(x, None if colours is None else colours[start:start + CHUNK], gen)
+            yield idx, x, footprint
+
+    return chunks()
+
+
+def poison(data: Dataset, artifact: Artifact | str | dict, level: float, labels: str = "correlated",
+           seed: int = 0) -> Dataset:
+    """A new dataset with `artifact` pasted on exactly round(level · n_eligible) items chosen by a seeded permutation.
+
+    - `correlated`: a label-coloured artifact encodes each item's true label; an artifact with a `target` class is
+      eligible only on items of that class (how training data is built);
+    - `random`: a label-coloured artifact encodes a uniformly random label in [0, K) (1 in K still matches);
+      `target` is ignored;
+    - `none`: a label-coloured artifact uses its fixed colour; `target` is ignored.
+
+    The returned mask is the artifact's footprint on poisoned items and the original mask elsewhere; `has_mask`
+    is set on poisoned items; `info["poisoned"]` is the boolean vector, `info["artifact"]` the spec and
+    `info["poison"]` the settings. One `torch.Generator(seed)` draws, in order, the permutation, the random
+    colours and the artifact's own randomness (corners). The input dataset is never modified.
+    """
+    artifact = parse_artifact(artifact)
     x, mask, has_mask = data.x.clone(), data.mask.clone(), data.has_mask.clone()
-    for start in range(0, k, CHUNK):
-        idx = chosen[start:start + CHUNK]
-        part = None if colours is None else colours[start:start + CHUNK]
-        x_new, footprint = artifact.apply(data.x[idx], part, gen)
-        x[idx] = x_new.to(x.dtype)
+    poisoned = torch.zeros(len(data), dtype=torch.bool)
+    for idx, x_part, footprint in poisoned_chunks(data, artifact, level, labels, seed):
+        x[idx] = x_part
         mask[idx] = footprint.to(mask.dtype)
-    has_mask[chosen] = True
-    poisoned = torch.zeros(n, dtype=torch.bool)
-    poisoned[chosen] = True
+        poisoned[idx] = True
+    has_mask |= poisoned
 
     info = {key: value for key, value in data.info.items() if key != "checksum"}
     info["poisoned"] = poisoned
     info["artifact"] = str(artifact)
-    info["poison"] = {"level": level, "labels": labels, "seed": int(seed)}
+    info["poison"] = {"level": float(level), "labels": labels, "seed": int(seed)}
     return Dataset(x=x, y=data.y, mask=mask, has_mask=has_mask, group=data.group, class_names=data.class_names,
                    group_names=data.group_names, name=data.name, info=info)

@@ -39,14 +39,15 @@ def default_cam_layer(net: nn.Module) -> str | None:
     """The last conv block's output module inside `net`: ResNet "layer4"; VGG the last module of `features` (its last
     max-pool); DenseNet "features.norm5"; other nets the activation right after the last Conv2d (BatchNorm in
     between allowed), else that conv itself; None for nets without a Conv2d (input-gradient maps)."""
-    import torchvision
+    if any(c.__module__.startswith("torchvision") for c in type(net).__mro__):  # import (1.7 s) only for those
+        import torchvision
 
-    if isinstance(net, torchvision.models.ResNet):
-        return "layer4"
-    if isinstance(net, torchvision.models.VGG):
-        return f"features.{list(net.features.named_children())[-1][0]}"
-    if isinstance(net, torchvision.models.DenseNet):
-        return "features.norm5"
+        if isinstance(net, torchvision.models.ResNet):
+            return "layer4"
+        if isinstance(net, torchvision.models.VGG):
+            return f"features.{list(net.features.named_children())[-1][0]}"
+        if isinstance(net, torchvision.models.DenseNet):
+            return "features.norm5"
     leaves = [(n, m) for n, m in net.named_modules() if n and next(iter(m.children()), None) is None]
     last = max((i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Conv2d)), default=None)
     if last is None:

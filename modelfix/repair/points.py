@@ -165,6 +165,8 @@ def _selected(trace: _Trace, layers: str | Sequence[str]) -> set[str]:
 
 def _family_defaults(net: nn.Module) -> list[str] | None:
     """The torchvision families' default points (methods_posthoc.md §0 item 4, §5), or None for other nets."""
+    if not any(c.__module__.startswith("torchvision") for c in type(net).__mro__):
+        return None  # importing torchvision costs about 1.7 s; other nets never need it
     import torchvision
 
     if isinstance(net, torchvision.models.ResNet):

@@ -91,15 +91,16 @@ def default_tap_layers(net: nn.Module) -> list[str]:
     - other nets: every MaxPool2d with a Conv2d since the previous MaxPool (tap-cnn and egem-cnn: pool1, pool2),
       else the activation module right after each Conv2d (BatchNorm in between allowed), in module order.
     """
-    import torchvision
+    if any(c.__module__.startswith("torchvision") for c in type(net).__mro__):  # import (1.7 s) only for those
+        import torchvision
 
-    if isinstance(net, torchvision.models.ResNet):
-        return ["layer1", "layer2", "layer3", "layer4"]
-    if isinstance(net, torchvision.models.VGG):
-        return [f"features.{n}" for n, m in net.features.named_children() if isinstance(m, nn.MaxPool2d)]
-    if isinstance(net, torchvision.models.DenseNet):
-        children = [n for n, _ in net.features.named_children()]
-        return [f"features.{n}" for n in children if n.startswith("transition") or n == "norm5"]
+        if isinstance(net, torchvision.models.ResNet):
+            return ["layer1", "layer2", "layer3", "layer4"]
+        if isinstance(net, torchvision.models.VGG):
+            return [f"features.{n}" for n, m in net.features.named_children() if isinstance(m, nn.MaxPool2d)]
+        if isinstance(net, torchvision.models.DenseNet):
+            children = [n for n, _ in net.features.named_children()]
+            return [f"features.{n}" for n in children if n.startswith("transition") or n == "norm5"]
     leaves = [(n, m) for n, m in net.named_modules() if n and next(iter(m.children()), None) is None]
     pools, conv_seen = [], False
     for name, module in leaves:

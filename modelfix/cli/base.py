@@ -69,11 +69,13 @@ def _version(value: bool) -> None:
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars on stderr.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="auto (a bar on a terminal, else one line per epoch and stage), rich, plain or json (JSON lines).")] = "auto",
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """modelfix: repair image classifiers that learned a spurious shortcut, and prove what changed."""
     state["debug"] = debug
     progress.ENABLED = not no_progress
+    progress.set_log_format(log_format)
 
 
 def handles_errors(fn: Callable) -> Callable:

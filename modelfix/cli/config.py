@@ -91,26 +91,39 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", is_eager=True, ca
                                                    rich_help_panel="Runtime")]
 
 
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch threads (default 1: on a shared or loaded machine 2 threads ran 3–4× slower than 1; 0: every core).", rich_help_panel="Runtime")]
+
+
 def with_config(command: Callable, name: str) -> Callable:
-    """`command` with a `--config` option, recording its resolved options (for the card's `invocation`)."""
+    """`command` with `--config` and `--threads`: the runtime is configured (allocator policy, threads;
+    `modelfix.runtime`) and the resolved options are recorded (the card's `invocation`) before it runs."""
     signature = inspect.signature(command, eval_str=True)
     kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
             for p in signature.parameters.values()]
-    added = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt)
+    own_threads = "threads" in signature.parameters  # a benchmark that sets its threads itself keeps its option
+    added = [] if own_threads else [inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                      annotation=ThreadsOpt)]
+    added.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt))
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from .. import runtime
+
         kwargs.pop("config", None)
+        threads = kwargs.get("threads") if own_threads else kwargs.pop("threads", None)
+        if threads is not None and threads < 0:
+            raise typer.BadParameter(f"must be >= 0, not {threads}", param_hint="--threads")
+        runtime.configure(threads)
         state["invocation"] = {"command": name, "params": {k: (str(v) if isinstance(v, Path) else v)
                                                            for k, v in kwargs.items()}}
         return command(*args, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=kept + [added])
+    wrapper.__signature__ = signature.replace(parameters=kept + added)
     return wrapper
 
 
 def add_config_everywhere(typer_app: typer.Typer) -> None:
-    """Give every registered command (and sub-app command) a `--config` option."""
+    """Give every registered command (and sub-app command) `--config` and `--threads`."""
     for info in typer_app.registered_commands:
         if info.callback is not None:
             info.callback = with_config(info.callback, info.name or info.callback.__name__.replace("_", "-"))

@@ -87,3 +87,21 @@ def option_group(command: Callable, keyword: str, options: tuple, pack: Callable
 
     wrapper.__signature__ = signature.replace(parameters=kept + added)
     return wrapper
+
+
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="Learning-rate schedule, stepped per epoch: none, step, exponential (lr × gamma per epoch; CRAYON: 0.975) or cosine.", rich_help_panel="Training")]
+WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", help="Epochs of linear learning-rate warm-up before the schedule.", rich_help_panel="Training")]
+GammaOpt = Annotated[float, typer.Option("--gamma", help="Decay factor per epoch (exponential) or per --step-epochs epochs (step).", rich_help_panel="Training")]
+StepEpochsOpt = Annotated[int, typer.Option("--step-epochs", help="Epochs per step of the step schedule.", rich_help_panel="Training")]
+SCHEDULE_OPTIONS = (("schedule", ScheduleOpt, "none"), ("warmup_epochs", WarmupOpt, 0), ("gamma", GammaOpt, 0.975),
+                    ("step_epochs", StepEpochsOpt, 10))
+
+
+def schedule_options(command: Callable) -> Callable:
+    """The learning-rate schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`), declared
+    once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
+    def pack(values: dict) -> dict:
+        step = values.pop("step_epochs")  # the CLI name: `step_size` is PGD's option already
+        return {**values, "step_size": step}
+
+    return option_group(command, "schedule", SCHEDULE_OPTIONS, pack)

@@ -18,7 +18,7 @@ from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
 from .config import recorded_invocation
-from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
+from .options import (schedule_options, data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
                      SeedOpt, StdOpt, StrictOpt, checkpoint_options, repair_job_common)
 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
@@ -47,19 +47,20 @@ EpochsOpt = Annotated[int, typer.Option("--epochs", rich_help_panel="Training")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Training")]
 WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: the method's, else 0).", rich_help_panel="Training")]
 MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum (default 0.9).", rich_help_panel="Training")]
-LossOpt = Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy) or bce (one-hot BCE, the EGEM paper).", rich_help_panel="Training")]
+LossOpt = Annotated[str, typer.Option("--loss", help="ce (softmax cross-entropy), bce (one-hot BCE, the EGEM paper) or double-softmax (R4's CE of softmax outputs; for reproducing R4 only).", rich_help_panel="Training")]
 GradClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm (default: the method's, else none).", rich_help_panel="Training")]
 SelectOpt = Annotated[str, typer.Option("--select", help="final, or best (best validation accuracy) epoch of each run.", rich_help_panel="Training")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, the λ sweep, heatmaps) into this folder.", rich_help_panel="Output")]
 
 
-def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select):
+def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
+            schedule: dict | None = None):
     """TrainConfig: its own defaults < the method's `train_defaults` < what the user passed (None: not passed)."""
     from ..training import TrainConfig
 
     given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum,
              "weight_decay": weight_decay}
-    fields = {**method.train_defaults, **{k: v for k, v in given.items() if v is not None}}
+    fields = {**method.train_defaults, **{k: v for k, v in given.items() if v is not None}, **(schedule or {})}
     return TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, loss=loss, select=select, **fields)
 
 
@@ -143,6 +144,7 @@ def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> 
 @app.command(epilog="Example: modelfix train --arch mlp --data decoy-digits:train -o runs/shortcut.safetensors")
 @handles_errors
 @data_options
+@schedule_options
 def train(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the trained .safetensors.", rich_help_panel="Output")],
     arch: Annotated[str, typer.Option("--arch", help="Architecture (see `modelfix archs`).", rich_help_panel="Model")] = "mlp",
@@ -186,6 +188,7 @@ def train(
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
     reading: Optional[dict] = None,
+    schedule: Optional[dict] = None,
 ) -> None:
     """Train a model from random initialisation, with plain ERM or a guided objective (how the papers train)."""
     import torch
@@ -195,7 +198,8 @@ def train(
     from ..zoo import build_model, default_input_spec
 
     entry = _finetune_method(method)
-    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
+    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
+                     schedule)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
     dev = device_name(device)
@@ -224,6 +228,7 @@ def train(
 @handles_errors
 @checkpoint_options
 @data_options
+@schedule_options
 def finetune(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned .safetensors.", rich_help_panel="Output")],
@@ -266,13 +271,15 @@ def finetune(
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
     reading: Optional[dict] = None,
+    schedule: Optional[dict] = None,
 ) -> None:
     """Fine-tune a checkpoint with a guided objective (TAP, RRR, RBR, the R4 family, IBP-Ex, PGD-Ex, CRAYON-ATTENTION)
     or a baseline (retrain, erm-l2, erm)."""
     from ..app.repair import RepairJob
 
     entry = _finetune_method(method)
-    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select)
+    config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
+                     schedule)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
     job = RepairJob("finetune", method, output, model_path, options=_options(config, hparams, lambdas, select_by),

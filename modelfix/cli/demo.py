@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
@@ -30,7 +31,7 @@ def _table(results: dict) -> Table:
         if row is not results["rows"][0]:
             # green: at most a third of the shortcut's gap is left; yellow: at most two thirds; red: more
             share = row["gap"] / shortcut_gap if shortcut_gap > 0 else 0.0
-            gap = f"[{'green' if share <= 1 / 3 else 'yellow' if share <= 2 / 3 else 'red'}]{gap}[/]"
+            gap = Text(gap, style="green" if share <= 1 / 3 else "yellow" if share <= 2 / 3 else "red")
         table.add_row(row["name"], row["family"], f"{100 * row['clean']:.1f}", f"{100 * row['poisoned']:.1f}", gap,
                       f"{100 * row['worst_group_poisoned']:.1f}", f"{row['seconds']:.1f}")
     return table
@@ -60,7 +61,7 @@ def demo(
                 bar.update(task, description=f"{stage}…")
             else:
                 bar.advance(task)
-                bar.console.print(f"  [green]✓[/] {stage}")
+                bar.console.print(Text.assemble("  ", ("✓", "green"), f" {stage}"))
 
         results = run_demo(output, quick=quick, seed=seed, progress=progress)
     if json_output:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..app.resolve import load_checkpoint
 from ..errors import ModelfixError
@@ -31,7 +32,7 @@ def inspect_cmd(
     if json_output:
         print(json.dumps(info, default=str))
         return
-    out.print(f"[bold]{model_path}[/bold]: {card.arch}, {card.num_classes} classes {card.class_names}")
+    out.print(Text.assemble((str(model_path), "bold"), f": {card.arch}, {card.num_classes} classes {card.class_names}"))
     out.print(f"input: {card.input.channels}×{card.input.height}×{card.input.width}, mean {card.input.mean}, "
               f"std {card.input.std}, range {card.input.value_range}")
     if card.artifact:

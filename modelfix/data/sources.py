@@ -167,6 +167,15 @@ def is_saved_layout(root: Path) -> bool:
     return "images" in names and names <= {"images", "masks"}
 
 
+def _saved_class_names(names, meta_path: Path) -> list[str]:
+    """dataset.json's class_names: distinct non-empty strings (a string alone would be read letter by letter)."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{meta_path}: class_names must be a list of non-empty strings, not {str(names)[:80]}")
+    if len(set(names)) != len(names):
+        raise DataError(f"{meta_path}: class_names has duplicates: {names}")
+    return names
+
+
 def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     """Load `root/<class>/<file>` (.png/.jpg/.jpeg/.npy) with an optional mirrored `mask_dir/<class>/<stem>.png|npy`.
 
@@ -201,8 +210,10 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
         if loose:
             raise DataError(f"data folder {image_root} holds images but no class subfolders", hint=hint)
         raise DataError(f"data folder {image_root} is empty: no class subfolders", hint=hint)
-    if class_names is None and saved is not None and saved.get("class_names"):
-        class_names = saved["class_names"]
+    if saved is not None and not isinstance(saved, dict):
+        raise DataError(f"{meta_path} must hold a JSON object, not {type(saved).__name__}")
+    if class_names is None and saved is not None and saved.get("class_names") is not None:
+        class_names = _saved_class_names(saved["class_names"], meta_path)
     if class_names is None:
         names = natural_classes([f.name for f in folders])
     else:

@@ -14,7 +14,6 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
 from .options import JsonOpt, SeedOpt
 
@@ -41,7 +40,7 @@ def _table(results: dict) -> Table:
 @handles_errors
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Smaller budget: under a minute on 2 CPU cores.")] = False,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.html, report.md, results.json and the shortcut model (created; its files are replaced).")] = Path("modelfix-demo"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.html, report.md, results.json and the shortcut model (created, or replaced when it holds an earlier demo).")] = Path("modelfix-demo"),
     seed: SeedOpt = 0,
     json_output: JsonOpt = False,
 ) -> None:
@@ -49,8 +48,10 @@ def demo(
     shortcut, repair it with EGEM, PCA-EGEM, RGEM, Ridge, CRAYON-PRUNING, TAP, RRR and Cert-R4, compare them."""
     from ..demo import run_demo, stages
 
-    if output.exists() and not output.is_dir():
-        raise ModelfixError(f"-o {output}: exists and is not a folder", hint="give a folder (it is created if missing)")
+    from ..app.outputs import OutputPlan
+
+    # before the minutes of work: a file, a folder of someone else's files, an unwritable place are refused
+    OutputPlan(folder=output, folder_option="-o").check()
     names = stages()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=json_output, disable=json_output) as bar:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..app.outputs import OutputPlan
 from ..app.resolve import load_checkpoint
 from ..errors import ModelfixError
 from .base import app, data_app, handles_errors, out
@@ -106,6 +107,7 @@ def data_make(
         raise ModelfixError(f"unknown scenario '{scenario}' (scenarios: {', '.join(SCENARIOS)})")
     if fmt not in ("png", "npy"):
         raise ModelfixError(f"--format must be png or npy, not '{fmt}'")
+    OutputPlan(folder=output_dir, inputs=[data_root], folder_option="-o").check()  # not inside --data-root
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ModelfixError(f"-o {output_dir} exists and is not empty", hint="choose a new folder")
     splits = split or list(SCENARIOS[scenario].splits)

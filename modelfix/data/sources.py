@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .. import safe_json
+from ..atomic import share_mode
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
 from .decode import READ_ERRORS, open_image, scan
@@ -335,6 +336,7 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
+        share_mode(staging)
         yield staging
         if out_dir.exists():
             out_dir.rmdir()
@@ -549,6 +551,7 @@ def save_bundle(dataset: Dataset, path) -> Path:
                 if "poisoned" in arrays:
                     arrays["poisoned"] = arrays["poisoned"].astype(np.uint8)
                 f.write(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta))
+        share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -428,6 +428,8 @@ def test_float_images_in_0_255_warn(env, tmp_path):
 def test_outputs_are_written_with_0666_minus_umask(env, tmp_path):
     old = os.umask(0o027)
     try:
+        assert run("train", "--arch", "mlp", "--data", env["folder"], "--epochs", "1", "-o", tmp_path / "t.safetensors",
+                   "--report", tmp_path / "rep").exit_code == 0
         assert run("data", "make", "decoy-digits", "--split", "val", "-o", tmp_path / "made").exit_code == 0
         assert run("annotate", env["model"], "--data", env["folder"], "--tau", "0.05", "-o",
                    tmp_path / "masks.npz").exit_code == 0
@@ -435,4 +437,7 @@ def test_outputs_are_written_with_0666_minus_umask(env, tmp_path):
         os.umask(old)
     assert (tmp_path / "made").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "masks.npz").stat().st_mode & 0o777 == 0o640
-    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "made").rglob("*") if f.is_file()} == {0o640}
+    for folder in (tmp_path / "made", tmp_path / "rep"):
+        assert folder.stat().st_mode & 0o777 == 0o750
+        assert {f.stat().st_mode & 0o777 for f in folder.rglob("*") if f.is_file()} == {0o640}
+    assert {f.stat().st_mode & 0o777 for f in tmp_path.glob("t.*")} == {0o640}

@@ -23,6 +23,14 @@ def json_safe(obj):
     return obj
 
 
+def share_mode(path: str | os.PathLike) -> None:
+    """The mode every output gets: 0666 & ~umask for a file, 0777 & ~umask for a folder (what `open` and `mkdir`
+    give); mkstemp and mkdtemp create 0600 / 0700, which would hide a shared run's outputs from its group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
@@ -31,9 +39,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        umask = os.umask(0)  # mkstemp creates 0600; an output is meant to be shared, so use the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

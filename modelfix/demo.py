@@ -403,8 +403,10 @@ def render_markdown(results: dict) -> str:
 
 
 def write_demo(out_dir: Path, results: dict, shortcut: nn.Module, card: ModelCard) -> dict:
-    """shortcut.safetensors (+ card), results.json, report.md and report.html into `out_dir` (created; existing
-    files replaced). Returns their paths by kind."""
+    """shortcut.safetensors (+ card), results.json, report.md and report.html into `out_dir`, written into a staged
+    sibling folder that replaces `out_dir` only when every file is there (Ctrl-C or an error leaves `out_dir` as it
+    was). Returns their final paths by kind."""
+    from .app.outputs import staged_folder
     from .checkpoint import save_model
     from .report import json_safe, write_text_atomic
     from .report_html import render_demo_html
@@ -412,13 +414,13 @@ def write_demo(out_dir: Path, results: dict, shortcut: nn.Module, card: ModelCar
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelfixError(f"-o {out_dir} is a file", hint="give a folder (it is created if missing)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"model": str(out_dir / "shortcut.safetensors"), "results": str(out_dir / "results.json"),
-             "report": str(out_dir / "report.md"), "html": str(out_dir / "report.html")}
-    save_model(shortcut, card, files["model"])
+    names = {"model": "shortcut.safetensors", "results": "results.json", "report": "report.md", "html": "report.html"}
+    files = {kind: str(out_dir / name) for kind, name in names.items()}
     results = {**results, "files": files}
-    write_text_atomic(Path(files["results"]), json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
     markdown = render_markdown(results)
-    write_text_atomic(Path(files["report"]), markdown)
-    write_text_atomic(Path(files["html"]), render_demo_html(json_safe(results), markdown))
+    with staged_folder(out_dir) as staging:
+        save_model(shortcut, card, staging / names["model"])
+        write_text_atomic(staging / names["results"], json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(staging / names["report"], markdown)
+        write_text_atomic(staging / names["html"], render_demo_html(json_safe(results), markdown))
     return files

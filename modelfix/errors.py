@@ -41,3 +41,8 @@ class TrainingFailed(ModelfixError):
     """The run itself failed (for example a NaN loss): exit code 1, not a usage error."""
 
     exit_code = 1
+
+
+class ModelfixWarning(UserWarning):
+    """Something the user should see but that does not stop the run (data far outside the card's value range); the
+    CLI prints each as one `warning:` line."""

@@ -172,6 +172,20 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
     return correct / max(len(data), 1)
 
 
+DIVERGENCE = 1e3
+
+
+def check_divergence(epoch_loss: float, first_loss: float, num_classes: int, epoch: int) -> None:
+    """A finite but exploded task loss (Adam at lr 1e9 ends near 1e12 at chance accuracy) is a failed run, not a
+    model: an epoch's mean task loss above DIVERGENCE × the larger of the first step's and chance-level
+    cross-entropy (ln K, so a fine-tune starting near 0 may still rise a little) stops the run. The task part, not
+    the total: a guided objective's penalty may legitimately grow while the model learns."""
+    reference = max(first_loss, math.log(max(num_classes, 2)))
+    if epoch_loss > DIVERGENCE * reference:
+        raise TrainingFailed(f"training diverged at epoch {epoch}: mean task loss {epoch_loss:.4g}, more than "
+                             f"{DIVERGENCE:g}× the first step's {first_loss:.4g}", hint="lower --lr or the penalty weight")
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -202,7 +216,7 @@ def train(
 
     result = TrainResult()
     best_acc, best_state = -1.0, None
-    last_finite = None
+    last_finite = first_loss = None
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     start = time.perf_counter()
     with progress_bar(enabled=progress) as bar:
@@ -228,6 +242,8 @@ def train(
                         hint="lower --lr or the penalty weight",
                     )
                 last_finite = float(loss.detach())
+                if first_loss is None:
+                    first_loss = float(parts.get("task", last_finite))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip:  # the norm of what the optimiser moves: frozen BatchNorm's gradients do not count
@@ -240,6 +256,7 @@ def train(
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 bar.update(task, advance=1, description=f"{description} epoch {epoch}/{config.epochs} loss {last_finite:.4f}")
             record = {"epoch": epoch, "lr": lr, **schedule, **{k: v / seen for k, v in sums.items()}}
+            check_divergence(record.get("task", record["loss"]), first_loss, len(data.class_names), epoch)
             if val is not None:
                 record["val_accuracy"] = accuracy(model, val)
                 if config.select == "best" and record["val_accuracy"] > best_acc:

@@ -28,6 +28,9 @@ from modelfix.errors import ModelfixError
 
 NAME_MAX = 255
 REPORT_FILES = ("results.json", "report.md", "report.html")
+# files the command line read before the command itself ran (a --config file or card sidecar): every plan protects
+# them like its own inputs, so `train --config m.card.json -o m.safetensors` cannot replace the config it reads
+session_inputs: list = []
 
 
 def sidecar_of(path: Path) -> Path:
@@ -95,7 +98,7 @@ class OutputPlan:
         if self.model is not None and Path(self.model).suffix != ".safetensors":
             raise ModelfixError(f"{self.model_option} {self.model}: the output must be a .safetensors file")
         protected = []
-        for source in self.inputs:
+        for source in [*self.inputs, *session_inputs]:
             if source is None or str(source) == "" or ":" in str(source) and not Path(str(source)).exists():
                 continue  # a scenario spec (NAME:SPLIT) is not a file
             path = real(source)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelfix.errors import ModelfixError
+import warnings
+
+from modelfix.errors import ModelfixError, ModelfixWarning
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -77,6 +79,21 @@ def check_fits(data, card, spec: str) -> None:
         )
     if len(data) and int(data.y.max()) >= card.num_classes:
         raise ModelfixError(f"data '{spec}' has label {int(data.y.max())} but the model has {card.num_classes} classes")
+    warn_out_of_range(data, card, spec)
+
+
+def warn_out_of_range(data, card, spec: str) -> None:
+    """Warn (not refuse: augmented or standardised data may stray a little) when in-memory pixels lie far outside
+    the card's value_range: float images in 0–255 given to a 0–1 model evaluate without error but mean nothing."""
+    x = getattr(data, "x", None)  # a lazy on-disk source is decoded to the value range by the loader
+    if x is None or not x.numel():
+        return
+    lo, hi = card.input.value_range
+    span = hi - lo
+    low, high = float(x.min()), float(x.max())
+    if low < lo - span or high > hi + span:
+        warnings.warn(f"data '{spec}' has values in [{low:g}, {high:g}], far outside the model's value range "
+                      f"[{lo:g}, {hi:g}] (images in 0-255? divide by 255)", ModelfixWarning, stacklevel=2)
 
 
 def parse_columns(text: str | None):

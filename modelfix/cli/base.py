@@ -1,6 +1,6 @@
 """The Typer apps, the root options, and the one error contract every command shares (`handles_errors`).
 
-User text is never read as Rich markup: `say`/`warn` print plain text, and the error printer escapes the message, so
+User text is never read as Rich markup: the consoles `out`/`err` have markup off (styled words are rich `Text`), so
 a class named `[link=file:///etc/passwd]x[/link]` or a file `scans [old]/a.png` prints as written.
 """
 
@@ -10,14 +10,15 @@ import functools
 import json
 import signal
 import traceback
+import warnings
 from typing import Annotated, Callable
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from .. import __version__, progress
-from ..errors import ModelfixError
+from ..errors import ModelfixError, ModelfixWarning
 
 app = typer.Typer(
     name="modelfix",
@@ -32,8 +33,10 @@ bench_app = typer.Typer(help="Benchmarks (measured numbers go to docs/benchmarks
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# markup=False: every string these print (class names, file names, specs) is the user's, and must print as written;
+# the few styled words are rich Text with a style, never markup
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 state = {"debug": False}
 
 
@@ -56,7 +59,7 @@ def say(text: str) -> None:
 
 def warn(text: str) -> None:
     """A warning line on stderr that cannot be missed."""
-    err.print("[bold yellow]warning:[/bold yellow] " + escape(text), highlight=False)
+    err.print(Text.assemble(("warning:", "bold yellow"), " ", text), highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -86,7 +89,10 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         json_output = kwargs.get("json_output", False)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores Python's warning printer when the command ends
+                warnings.simplefilter("always", ModelfixWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except ModelfixError as exc:
@@ -105,12 +111,23 @@ def handles_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """The library's ModelfixWarning as one `warning:` line; any other warning as Python prints it."""
+    if issubclass(category, ModelfixWarning):
+        warn(str(message))
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
+
+
 def fail(message: str, code: int, json_output: bool) -> None:
     if state["debug"]:
         traceback.print_exc()
     if json_output:
         print(json.dumps({"error": {"message": message, "exit_code": code}}))
-    err.print("[red]error:[/red] " + escape(message), highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     raise typer.Exit(code)
 
 

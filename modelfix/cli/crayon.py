@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..app.outputs import OutputPlan
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
@@ -69,6 +70,7 @@ def feedback_gallery(
 
     if top_k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {top_k}")
+    OutputPlan(folder=output, inputs=[model_path, data], folder_option="-o").check()
     model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint, reading)
     summary = write_gallery(model, dataset, output, layer=layer, k=top_k, patch=patch, batch_size=batch_size)
     if json_output:
@@ -99,6 +101,7 @@ def feedback_saliency(
     in maps.safetensors, and a blank samples.csv to fill with yes / no / maybe."""
     from ..feedback import write_saliency
 
+    OutputPlan(folder=output, inputs=[model_path, data], folder_option="-o").check()
     model, _, dataset = _model_and_data(model_path, data, None, data_root, seed, device, checkpoint, reading)
     summary = write_saliency(model, dataset, output, _maps(model, dataset, layer, batch_size))
     if json_output:
@@ -144,8 +147,6 @@ def feedback_simulate(
         raise ModelfixError(f"--region must be mask or corners, not '{region}'")
     if output.suffix.lower() != ".csv":
         raise ModelfixError(f"-o {output}: simulated feedback is written as .csv")
-    from ..app.outputs import OutputPlan
-
     OutputPlan(files=[] if overwrite else [output], inputs=[model_path, data, masks], folder_option="-o").check()
     model, _, dataset = _model_and_data(model_path, data, masks, data_root, seed, device, checkpoint, reading)
     judged = corner_region(dataset, corner_size) if region == "corners" else dataset

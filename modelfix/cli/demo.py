@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
 from .options import JsonOpt, SeedOpt
 
@@ -30,7 +30,7 @@ def _table(results: dict) -> Table:
         if row is not results["rows"][0]:
             # green: at most a third of the shortcut's gap is left; yellow: at most two thirds; red: more
             share = row["gap"] / shortcut_gap if shortcut_gap > 0 else 0.0
-            gap = f"[{'green' if share <= 1 / 3 else 'yellow' if share <= 2 / 3 else 'red'}]{gap}[/]"
+            gap = Text(gap, style="green" if share <= 1 / 3 else "yellow" if share <= 2 / 3 else "red")
         table.add_row(row["name"], row["family"], f"{100 * row['clean']:.1f}", f"{100 * row['poisoned']:.1f}", gap,
                       f"{100 * row['worst_group_poisoned']:.1f}", f"{row['seconds']:.1f}")
     return table
@@ -40,7 +40,7 @@ def _table(results: dict) -> Table:
 @handles_errors
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Smaller budget: under a minute on 2 CPU cores.")] = False,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.html, report.md, results.json and the shortcut model (created; its files are replaced).")] = Path("modelfix-demo"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.html, report.md, results.json and the shortcut model (created, or replaced when it holds an earlier demo).")] = Path("modelfix-demo"),
     seed: SeedOpt = 0,
     json_output: JsonOpt = False,
 ) -> None:
@@ -48,8 +48,10 @@ def demo(
     shortcut, repair it with EGEM, PCA-EGEM, RGEM, Ridge, CRAYON-PRUNING, TAP, RRR and Cert-R4, compare them."""
     from ..demo import run_demo, stages
 
-    if output.exists() and not output.is_dir():
-        raise ModelfixError(f"-o {output}: exists and is not a folder", hint="give a folder (it is created if missing)")
+    from ..app.outputs import OutputPlan
+
+    # before the minutes of work: a file, a folder of someone else's files, an unwritable place are refused
+    OutputPlan(folder=output, folder_option="-o").check()
     names = stages()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=json_output, disable=json_output) as bar:
@@ -60,7 +62,7 @@ def demo(
                 bar.update(task, description=f"{stage}…")
             else:
                 bar.advance(task)
-                bar.console.print(f"  [green]✓[/] {stage}")
+                bar.console.print(Text.assemble("  ", ("✓", "green"), f" {stage}"))
 
         results = run_demo(output, quick=quick, seed=seed, progress=progress)
     if json_output:

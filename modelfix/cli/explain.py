@@ -15,7 +15,7 @@ import typer
 
 from ..app.resolve import check_fits, data_info, default_test_split, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
-from .base import app, err, handles_errors
+from .base import app, err, handles_errors, warn
 from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, SeedOpt, checkpoint_options)
 
 SCHEMA = "modelfix.explain/v1"
@@ -87,7 +87,7 @@ def explain(
                                       default_composite, relevance_maps, resolve_targets)
     from ..explain.heatmap import check_cmap, colorize, image_png_bytes, save_png, write_bytes_atomic
     from ..explain.lrp import canonizers_for
-    from .progress import progress_bar
+    from ..progress import progress_bar
     from ..report import json_safe
 
     started = time.perf_counter()
@@ -194,7 +194,7 @@ def explain(
         c = doc["conservation"]
         summary += f"; relevance / logit {c['mean']:.4f} (min {c['min']:.4f}, max {c['max']:.4f})"
     for warning in doc["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+        warn(warning)
     err.print(summary, highlight=False)
     if json_output:
         print(json.dumps(json_safe(doc)))

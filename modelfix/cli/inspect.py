@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..app.outputs import OutputPlan
 from ..app.resolve import load_checkpoint
 from ..errors import ModelfixError
 from .base import app, data_app, handles_errors, out
@@ -31,7 +33,7 @@ def inspect_cmd(
     if json_output:
         print(json.dumps(info, default=str))
         return
-    out.print(f"[bold]{model_path}[/bold]: {card.arch}, {card.num_classes} classes {card.class_names}")
+    out.print(Text.assemble((str(model_path), "bold"), f": {card.arch}, {card.num_classes} classes {card.class_names}"))
     out.print(f"input: {card.input.channels}×{card.input.height}×{card.input.width}, mean {card.input.mean}, "
               f"std {card.input.std}, range {card.input.value_range}")
     if card.artifact:
@@ -105,6 +107,7 @@ def data_make(
         raise ModelfixError(f"unknown scenario '{scenario}' (scenarios: {', '.join(SCENARIOS)})")
     if fmt not in ("png", "npy"):
         raise ModelfixError(f"--format must be png or npy, not '{fmt}'")
+    OutputPlan(folder=output_dir, inputs=[data_root], folder_option="-o").check()  # not inside --data-root
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ModelfixError(f"-o {output_dir} exists and is not empty", hint="choose a new folder")
     splits = split or list(SCENARIOS[scenario].splits)

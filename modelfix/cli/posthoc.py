@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, out, render_outcome, say
@@ -48,9 +49,10 @@ def _finish(result, document: dict, output, report, json_output: bool, strict: b
 
 def _print_trace(trace: dict, fold_info: dict | None) -> None:
     samples = trace.get("samples", {})
-    out.print(f"[bold]{trace['method']}[/bold]: {samples.get('fit_unique')} unique fit / {samples.get('val_unique')} "
-              f"unique validation samples (oversampled to {samples.get('fit_size')} / {samples.get('val_size')}), "
-              f"original validation accuracy {100 * trace['val_orig']:.2f} %")
+    out.print(Text.assemble((str(trace["method"]), "bold"),
+                            f": {samples.get('fit_unique')} unique fit / {samples.get('val_unique')} "
+                            f"unique validation samples (oversampled to {samples.get('fit_size')} / "
+                            f"{samples.get('val_size')}), original validation accuracy {100 * trace['val_orig']:.2f} %"))
     key = "alpha" if "alpha" in trace else "lambda"
     if trace.get("selection"):
         table = Table(title=f"selection ({trace['selected_by']}, slack {trace['slack']:g} {trace['slack_mode']})")
@@ -125,6 +127,8 @@ def prune_egem(
         raise ModelfixError(f"--conv-mode must be sum or position, not '{conv_mode}'")
     if explainer not in ("gi", "lrp-eps"):
         raise ModelfixError(f"--explainer must be gi or lrp-eps, not '{explainer}'")
+    if not 0.0 <= min_relevance <= 1.0:  # checked even without --approve-mask: a typo must not pass silently
+        raise ModelfixError(f"--min-relevance must be in [0, 1], not {min_relevance}")
     options = {"alpha": alpha, "slack": slack, "slack_mode": slack_mode, "schedule": schedule, "layers": layers,
                "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "fold": fold,
                "min_relevance": min_relevance if approve_mask is not None else None}

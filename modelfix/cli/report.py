@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..app.outputs import OutputPlan
 from ..errors import ModelfixError
 from .base import app, handles_errors, out
 from .options import JsonOpt
@@ -77,6 +78,9 @@ def report(
                                 hint="choose a new folder, e.g. -o runs/comparison")
     if output.exists() and not output.is_dir():
         raise ModelfixError(f"-o {output}: exists and is not a folder")
+    # not inside a run folder either (nor too long a name, nor unwritable); overwrite: a rerun updates its own files
+    OutputPlan(folder=output, inputs=[p.parent if p.is_file() else p for p in dirs], overwrite=True,
+               folder_option="-o").check()
     doc = json_safe(compare_runs(load_runs(list(dirs))))
     markdown = render_comparison_markdown(doc)
     write_text_atomic(output / "comparison.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")

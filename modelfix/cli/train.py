@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset, parse_floats
 from ..errors import ModelfixError
@@ -339,8 +340,6 @@ def annotate(
 @handles_errors
 def methods_cmd(json_output: JsonOpt = False) -> None:
     """Every repair method: what it does, its paper, its hyper-parameters and defaults."""
-    from rich.markup import escape
-
     from ..repair.methods import METHODS
 
     inputs = ("data", "verdicts")  # filled from --data and --feedback, not options
@@ -352,12 +351,11 @@ def methods_cmd(json_output: JsonOpt = False) -> None:
         print(json.dumps(rows))
         return
     for kind, command in (("posthoc", "post-hoc: `prune-egem` / `refit`"), ("finetune", "fine-tunes: `finetune` / `train --method`")):
-        out.print(f"[bold]{command}[/bold]", markup=True, highlight=False)
+        out.print(Text(command, style="bold"), highlight=False)
         for row in (r for r in rows if r["kind"] == kind):
             hp = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items()) or "none"
             needs = " (needs masks)" if row["needs_masks"] else " (needs --feedback)" if row["needs_feedback"] else ""
-            out.print(f"  [bold]{row['name']}[/bold]: {escape(row['summary'])}" + needs,
-                      markup=True, highlight=False)
+            out.print(Text.assemble("  ", (row["name"], "bold"), f": {row['summary']}{needs}"), highlight=False)
             out.print(f"      paper: {row['paper']}", highlight=False)
             out.print(f"      hyper-parameters: {hp}" + (f"; --lambda sets {row['lambda']}" if row["lambda"] else ""),
                       highlight=False)

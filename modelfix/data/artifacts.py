@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from ..errors import ArtifactSpecError, DataError
+from .decode import scan
 
 CORNERS = ("tl", "tr", "bl", "br")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center", "top", "bottom", "left", "right")
@@ -297,9 +298,16 @@ def _canonical_pixels(pixels) -> tuple:
 # ---- pasted image (tag, watermark, frame) ----------------------------------------------------------------------
 
 
+MAX_PASTE_PIXELS = 4096 * 4096  # a tag or watermark; anything larger is a mistake or a bomb
+
+
 @functools.lru_cache(maxsize=16)
 def _read_paste(path: str, mtime: float) -> tuple[np.ndarray, np.ndarray]:
     """An image file as (colour C×h×w float32 in [0,1] with C = 1 or 3, alpha h×w in [0,1])."""
+    try:
+        scan(path, max_pixels=MAX_PASTE_PIXELS)  # the header first: a decompression bomb is refused before decoding
+    except DataError as exc:
+        raise ArtifactSpecError(f"artifact {exc}") from None
     try:
         with Image.open(path) as img:
             img.load()
@@ -358,6 +366,8 @@ class ImagePaste(Artifact):
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """The pasted image's (colour C×h×w, alpha h×w), cached while the file is unchanged."""
         p = Path(self.path)
+        if p.is_dir():
+            raise ArtifactSpecError(f"artifact image {self.path} is a folder", hint="name an image file (.png, .jpg)")
         if not p.is_file():
             raise ArtifactSpecError(f"artifact image {self.path} does not exist")
         return _read_paste(str(p), p.stat().st_mtime)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import DataError
+from ..errors import ArtifactSpecError, DataError
 from .artifacts import Artifact, parse_artifact
 from .dataset import Dataset
 
@@ -35,6 +35,10 @@ def poisoned_chunks(data: Dataset, artifact: Artifact | str | dict, level: float
     if labels not in LABEL_MODES:
         raise DataError(f"poison labels must be one of {', '.join(LABEL_MODES)}, not '{labels}'")
 
+    if artifact.target is not None and not 0 <= artifact.target < len(data.class_names):
+        # otherwise no item is eligible and the "poisoned" data silently equals the clean data
+        raise ArtifactSpecError(f"artifact target {artifact.target} is not a class of the data "
+                                f"(classes 0 to {len(data.class_names) - 1})")
     gen = torch.Generator().manual_seed(int(seed))
     n = len(data)
     if labels == "correlated" and artifact.target is not None:

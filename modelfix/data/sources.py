@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .. import safe_json
+from ..atomic import share_mode
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
 from .decode import READ_ERRORS, open_image, scan
@@ -167,6 +168,15 @@ def is_saved_layout(root: Path) -> bool:
     return "images" in names and names <= {"images", "masks"}
 
 
+def _saved_class_names(names, meta_path: Path) -> list[str]:
+    """dataset.json's class_names: distinct non-empty strings (a string alone would be read letter by letter)."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{meta_path}: class_names must be a list of non-empty strings, not {str(names)[:80]}")
+    if len(set(names)) != len(names):
+        raise DataError(f"{meta_path}: class_names has duplicates: {names}")
+    return names
+
+
 def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
     """Load `root/<class>/<file>` (.png/.jpg/.jpeg/.npy) with an optional mirrored `mask_dir/<class>/<stem>.png|npy`.
 
@@ -201,8 +211,10 @@ def load_folder(root, mask_dir=None, class_names=None) -> Dataset:
         if loose:
             raise DataError(f"data folder {image_root} holds images but no class subfolders", hint=hint)
         raise DataError(f"data folder {image_root} is empty: no class subfolders", hint=hint)
-    if class_names is None and saved is not None and saved.get("class_names"):
-        class_names = saved["class_names"]
+    if saved is not None and not isinstance(saved, dict):
+        raise DataError(f"{meta_path} must hold a JSON object, not {type(saved).__name__}")
+    if class_names is None and saved is not None and saved.get("class_names") is not None:
+        class_names = _saved_class_names(saved["class_names"], meta_path)
     if class_names is None:
         names = natural_classes([f.name for f in folders])
     else:
@@ -324,6 +336,7 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
+        share_mode(staging)
         yield staging
         if out_dir.exists():
             out_dir.rmdir()
@@ -538,6 +551,7 @@ def save_bundle(dataset: Dataset, path) -> Path:
                 if "poisoned" in arrays:
                     arrays["poisoned"] = arrays["poisoned"].astype(np.uint8)
                 f.write(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta))
+        share_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

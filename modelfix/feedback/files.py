@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .. import safe_json
 from ..errors import ModelfixError
 from ..atomic import write_text_atomic
 
@@ -186,16 +187,15 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, list[str]
 def _load_structured(path: Path, suffix: str):
     text = _read_text(path)
     if suffix == ".json":
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise ModelfixError(f"{path} is not valid JSON: {exc}") from None
+        return safe_json.loads(text, str(path))  # depth-bounded: no RecursionError on a hostile file
     import yaml
 
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ModelfixError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ModelfixError(f"{path} nests too deeply to be a feedback file") from None
 
 
 def read_header_comments(path) -> dict:

@@ -102,6 +102,8 @@ def top_activations(model: nn.Module, data, layer: str, k: int = 20, batch_size:
     """
     if k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {k}")
+    if batch_size < 1:
+        raise ModelfixError(f"--batch-size must be at least 1, not {batch_size}")
     module = resolve_layer(model, layer)
     k = min(int(k), len(data))
     captured: list[Tensor] = []

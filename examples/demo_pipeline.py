@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
+import modelfix
 from modelfix import ModelCard, TrainConfig, build_model, evaluate, load_scenario, parse_artifact, save_model, train
-from modelfix.repair.egem import EgemConfig, fit_egem
-from modelfix.repair.finetune import finetune
-from modelfix.repair.refinement import refinement_split
 from modelfix.zoo import default_input_spec
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo-pipeline")
@@ -34,16 +32,16 @@ train(shortcut, train_data, TrainConfig(optimizer="adam", lr=3e-3, batch_size=64
 shortcut.eval()
 
 # 2. post hoc: EGEM on 100 correctly predicted clean samples per class, at position-aware points
-split = refinement_split(shortcut, clean, samples_per_class=100, seed=0)
-egem, trace = fit_egem(shortcut, split, EgemConfig(layers="pool1,flatten,relu3", slack=0.1), progress=False)
+result = modelfix.repair(shortcut, clean, "egem", samples_per_class=100, slack=0.1, progress=False)
+egem = result.model
 
 # 3. guided fine-tune: RRR with the tag's region as the mask of every training image ("the corner is irrelevant")
 _, footprint = artifact.apply(train_data.x[:1])
 masked = dataclasses.replace(train_data, mask=footprint.expand(len(train_data), -1, -1, -1).clone(),
                              has_mask=torch.ones(len(train_data), dtype=torch.bool))
 subset = masked.subset(torch.randperm(len(masked), generator=torch.Generator().manual_seed(0))[:1000])
-rrr = finetune(shortcut, subset, "rrr", TrainConfig(optimizer="adam", lr=1e-3, batch_size=32, epochs=2, seed=0),
-               lambdas=[1e-4], progress=False).model.eval()
+rrr = modelfix.repair(shortcut, subset, "rrr", lam=1e-4, optimizer="adam", lr=1e-3, batch_size=32, epochs=2,
+                      progress=False).model.eval()
 
 # 4. clean vs poisoned (the tag pasted on every test image)
 for name, model in (("shortcut", shortcut), ("egem", egem), ("rrr", rrr)):
@@ -53,4 +51,6 @@ for name, model in (("shortcut", shortcut), ("egem", egem), ("rrr", rrr)):
           f"gap {100 * (clean_row['accuracy'] - poisoned_row['accuracy']):5.1f} points")
     history = {"command": "example", "method": name}
     save_model(model, card.with_history(history), out / f"{name}.safetensors")
-print(f"EGEM chose α = {trace['alpha']}; models in {out}/")
+print(f"EGEM chose α = {result.selection.value} ({result.selection.rule}); models in {out}/")
+for warning in result.warnings:
+    print("warning:", warning)

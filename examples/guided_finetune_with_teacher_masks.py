@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+import modelfix
 from modelfix import InputSpec, ModelCard, TrainConfig, build_model, evaluate, load_scenario, parse_artifact, save_model, train
 from modelfix.repair.annotate import annotate
-from modelfix.repair.finetune import finetune
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/guided")
 data, clean = load_scenario("decoy-digits", "train"), load_scenario("decoy-digits", "clean")
@@ -44,11 +44,10 @@ teacher = fresh()
 train(teacher, clean, TrainConfig(optimizer="adam", lr=1e-3, epochs=30, batch_size=32))
 teacher_masks = annotate(teacher, data, tau=0.01)
 
-repair = TrainConfig(optimizer="adam", lr=1e-3, epochs=5, batch_size=128)
 for name, masks in (("RRR, ground-truth masks", data), ("RRR, teacher masks", teacher_masks)):
-    result = finetune(shortcut, masks, "rrr", repair, lambdas=[1e-6, 1e-5], val=val)
-    print(f"{name}: λ = {result.lambdas[result.chosen]:g} (val-permuted accuracy "
-          f"{result.runs[result.chosen]['val_accuracy']:.3f})")
+    result = modelfix.repair(shortcut, masks, "rrr", val=val, lambdas=[1e-6, 1e-5], optimizer="adam", lr=1e-3,
+                             epochs=5, batch_size=128)
+    print(f"{name}: λ = {result.selection.value:g} ({result.selection.rule})")
     report(name, result.model)
-    save_model(result.model, card.with_history({"command": "example", "method": "rrr", "sweep": result.to_dict()}),
+    save_model(result.model, card.with_history({"command": "example", "method": "rrr", "result": result.to_dict()}),
                out / f"{name.split(', ')[1].split()[0]}.safetensors")

@@ -4,6 +4,7 @@ method, and a missing input is one named error."""
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -86,3 +87,40 @@ def test_ridge_keeps_the_head_rows_of_classes_absent_from_the_pool(trained):
     assert torch.equal(head.weight[0], old.weight[0]) and torch.equal(head.bias[0], old.bias[0])
     assert not torch.equal(head.weight[1], old.weight[1])  # the present classes were refitted
     assert any("'a'" in w for w in result.warnings) and any("[0]" in w for w in result.warnings)
+
+
+def test_a_new_method_is_one_file(tmp_path, monkeypatch):
+    """A method file dropped into the repair package registers itself: `repair()`, `list_methods()` and
+    `modelfix methods` find it with no other change (the docs test then asks for its page from the registry)."""
+    import json
+
+    import modelfix.repair
+    from modelfix.repair import registry
+
+    from cli_helpers import run
+
+    (tmp_path / "halve_head.py").write_text('''
+from modelfix.repair.registry import method
+from modelfix.repair.result import RepairResult
+
+
+@method("halve-head", "posthoc", "halve the last layer (a test entry)", "none", {"factor": 0.5}, needs=("clean",),
+        command="prune-egem")
+def run(inputs, **options):
+    import copy
+    model = copy.deepcopy(inputs.model)
+    model.net.fc.weight.data.mul_(options["factor"])
+    return RepairResult(model, "halve-head", "posthoc", options)
+''')
+    monkeypatch.setattr(modelfix.repair, "__path__", [*modelfix.repair.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        assert "halve-head" in [m.name for m in modelfix.list_methods()]
+        model = tiny_model()
+        result = modelfix.repair(model, tiny_data(), "halve-head")
+        assert torch.equal(result.model.net.fc.weight, model.net.fc.weight * 0.5)
+        listed = json.loads(run("methods", "--json").stdout)
+        assert any(row["name"] == "halve-head" and row["kind"] == "posthoc" for row in listed)
+    finally:
+        registry.METHODS.pop("halve-head", None)
+        sys.modules.pop("modelfix.repair.halve_head", None)

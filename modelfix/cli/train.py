@@ -340,17 +340,19 @@ def annotate(
 @handles_errors
 def methods_cmd(json_output: JsonOpt = False) -> None:
     """Every repair method: what it does, its paper, its hyper-parameters and defaults."""
-    from ..repair.methods import METHODS
+    from ..repair.registry import list_methods
 
     inputs = ("data", "verdicts")  # filled from --data and --feedback, not options
-    rows = [{"name": m.name, "kind": m.kind, "summary": m.summary, "paper": m.paper, "needs_masks": m.needs_masks,
-             "needs_feedback": "verdicts" in m.hyperparameters, "lambda": m.weight,
+    rows = [{"name": m.name, "kind": m.kind, "command": m.command, "summary": m.summary, "paper": m.paper,
+             "needs": list(m.needs), "needs_masks": m.needs_masks,
+             "needs_feedback": any(n.endswith("feedback") for n in m.needs), "lambda": m.weight,
              "hyperparameters": {k: v for k, v in m.hyperparameters.items() if k not in inputs},
-             "train_defaults": m.train_defaults} for m in METHODS.values()]
+             "train_defaults": m.train_defaults} for m in list_methods()]
     if json_output:
         print(json.dumps(rows))
         return
-    for kind, command in (("posthoc", "post-hoc: `prune-egem` / `refit`"), ("finetune", "fine-tunes: `finetune` / `train --method`")):
+    for kind, command in (("posthoc", "post-hoc: `prune-egem` / `refit`"), ("pruning", "pruning: `prune-crayon`"),
+                          ("finetune", "fine-tunes: `finetune` / `train --method`")):
         out.print(Text(command, style="bold"), highlight=False)
         for row in (r for r in rows if r["kind"] == kind):
             hp = ", ".join(f"{k}={v}" for k, v in row["hyperparameters"].items()) or "none"

@@ -112,8 +112,9 @@ def parse_columns(text: str | None):
 
 
 def has_default_names(card) -> bool:
-    """The card names its classes 0..K-1 only (a card-less checkpoint): the data's class folders may name them."""
-    return list(card.class_names) == [str(i) for i in range(card.num_classes)]
+    """A card-less checkpoint (no history, classes named 0..K-1 only): the data's class folders may name them. A
+    card modelfix wrote keeps its names, so a folder class it does not know stays an error."""
+    return not card.history and list(card.class_names) == [str(i) for i in range(card.num_classes)]
 
 
 def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None, class_names=None,

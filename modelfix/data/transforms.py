@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
 
@@ -60,6 +58,10 @@ def to_channels(arr: np.ndarray, channels: int, where) -> tuple[Tensor, str]:
 
 
 def _resize(img: Tensor, mask: Tensor | None, size: list[int]) -> tuple[Tensor, Tensor | None]:
+    # torchvision is imported here, not at the top: `import modelfix.data` must not pay its 1–2 s start-up
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     img = TF.resize(img, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     if mask is not None:
         mask = TF.resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
@@ -67,6 +69,8 @@ def _resize(img: Tensor, mask: Tensor | None, size: list[int]) -> tuple[Tensor, 
 
 
 def _centre_crop(img: Tensor, mask: Tensor | None, height: int, width: int) -> tuple[Tensor, Tensor | None]:
+    from torchvision.transforms.v2 import functional as TF
+
     img = TF.center_crop(img, [height, width])
     return img, None if mask is None else TF.center_crop(mask, [height, width])
 

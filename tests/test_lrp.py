@@ -245,3 +245,40 @@ def test_relevance_share_matches_the_closed_form():
     torch.testing.assert_close(shares[:4], torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
     with pytest.raises(ModelfixError, match="relevance mask must have shape"):
         relevance_share(model, data, left[:3], progress=False)
+
+
+class UnknownBlockNet(nn.Module):
+    """Conv → BatchNorm → ReLU → pool → Linear, not an nn.Sequential: no canonizer is known for it."""
+
+    def __init__(self, batchnorm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if batchnorm else nn.Identity()
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+def test_conservation_warning_fires_on_a_net_without_canonizer_and_only_there():
+    import warnings
+
+    from modelfix.errors import ModelfixWarning
+    from modelfix.explain.lrp import lrp
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    for batchnorm, expect in ((True, True), (False, False)):
+        net = UnknownBlockNet(batchnorm).eval()
+        if batchnorm:  # running statistics far from (0, 1), so an unmerged BN breaks conservation visibly
+            net.bn.running_mean.fill_(0.7)
+            net.bn.running_var.fill_(0.05)
+        model = Classifier(net, InputSpec(1, 8, 8, (0.0,), (1.0,))).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            relevance, logit = lrp(model, x, 0)
+        conserved = relevance.sum(dim=(1, 2, 3)) / logit  # the quantity the warning is about, computed here
+        fired = [w for w in caught if issubclass(w.category, ModelfixWarning) and "not conserved" in str(w.message)]
+        assert bool(fired) == expect, (batchnorm, conserved)
+        if expect:
+            assert bool(((conserved - 1).abs() > 0.05).any())

@@ -19,6 +19,8 @@ relevance conserved exactly (with biases it sums to about 0.96 of the logit).
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modelfix.data.dataset import Dataset
-from modelfix.errors import ModelfixError
+from modelfix.errors import ModelfixError, ModelfixWarning
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio
 
@@ -163,7 +165,30 @@ def lrp(model: nn.Module, x: Tensor, target: Tensor | int, composite: str = "eps
             logits, relevance = attributor(z, lambda out: _one_hot(out, target) * out.detach())
         target = _targets(target, len(x), logits.shape[1], logits.device)
         explained = logits.detach().gather(1, target[:, None]).squeeze(1)
+    if zero_bias:
+        check_conservation(model, relevance.detach(), explained)
     return relevance.detach(), explained
+
+
+CONSERVATION_TOLERANCE = 0.05  # |ΣR / logit − 1| beyond this on a net without a known canonizer is warned about
+WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models already warned about (once each)
+
+
+def check_conservation(model: nn.Module, relevance: Tensor, logit: Tensor) -> None:
+    """Warn (once per model) when relevance is not conserved on a net without a known canonizer: its heatmaps may
+    be wrong (BatchNorm left unmerged, an unknown block), and nothing else would say so."""
+    if model in WARNED or canonizers_for(model.net):
+        return
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.net.modules())
+    ratio = relevance.sum(dim=tuple(range(1, relevance.ndim))) / logit
+    confident = logit.abs() > 1e-3  # a logit near 0 makes the ratio meaningless
+    off = ((ratio - 1).abs() > CONSERVATION_TOLERANCE) & confident
+    if has_bn and bool(off.any()):
+        worst = float((ratio[confident] - 1).abs().max())
+        warnings.warn(f"LRP relevance is not conserved on this network (ΣR/logit off by up to {100 * worst:.0f} %; "
+                      f"no canonizer is known for {type(model.net).__name__}): its heatmaps are approximate",
+                      ModelfixWarning, stacklevel=3)
+        WARNED.add(model)
 
 
 def _one_hot(out: Tensor, target: Tensor | int) -> Tensor:

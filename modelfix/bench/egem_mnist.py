@@ -17,9 +17,7 @@ import torch
 from modelfix.card import ModelCard
 from modelfix.data import load_scenario, parse_artifact
 from modelfix.evaluate import evaluate, predict
-from modelfix.repair.egem import EgemConfig, fit_egem
-from modelfix.repair.fold import fold_patches
-from modelfix.repair.lastlayer import RefitConfig, fit_refit
+from modelfix.app.repair import repair
 from modelfix.repair.refinement import refinement_split
 from modelfix.repair.retrain import RetrainConfig, fit_retrain
 from modelfix.training import TrainConfig, train
@@ -33,16 +31,18 @@ def _accuracies(model, test, artifact) -> dict:
     return {"clean": rows[0]["accuracy"], "poisoned": rows[1]["accuracy"]}
 
 
-def _repair(method: str, model, split, slack: float, retrain_grid, layers=None):
+def _repair(method: str, model, pool, split, slack: float, retrain_grid, layers=None, seed: int = 0):
+    """One row's repair. The registry's methods run through the application layer's `repair()` (the same split:
+    same pool, N and seed); EGEM's Retrain baseline, an epoch grid on the refinement split, runs `fit_retrain`."""
     if method == "original":
         return model, {}
-    if method in ("egem", "pca-egem"):
-        repaired, trace = fit_egem(model, split, EgemConfig(method=method, slack=slack, layers=layers), progress=False)
-        fold_patches(repaired)
-        return repaired, {"alpha": trace["alpha"], "seconds": trace["timing"]["total_s"]}
-    if method in ("rgem", "ridge"):
-        repaired, trace = fit_refit(model, split, RefitConfig(method=method, slack=slack), progress=False)
-        return repaired, {"lambda": trace["lambda"], "seconds": trace["timing"]["total_s"]}
+    if method in ("egem", "pca-egem", "rgem", "ridge"):
+        options = {"layers": layers} if method in ("egem", "pca-egem") else {}
+        result = repair(model, None, method, clean=pool, seed=seed, progress=False,
+                        samples_per_class=split.summary["samples_per_class"], slack=slack, **options)
+        key = "alpha" if method in ("egem", "pca-egem") else "lambda"
+        return result.model, {key: result.selection.value if result.selection else result.details[key],
+                              "seconds": result.timings["total_s"]}
     repaired, trace = fit_retrain(model, split, RetrainConfig(grid=retrain_grid, slack=slack), progress=False)
     return repaired, {"epochs": trace["epochs"], "seconds": trace["timing"]["total_s"]}
 
@@ -91,7 +91,7 @@ def run(arch: str = "egem-cnn", runs: int = 5, samples: tuple[int, ...] = (700,)
                 splits[n] = refinement_split(model, pool, samples_per_class=n, seed=r)
             if method == "original" and (n, slack) != (rows[0][0], rows[0][1]):
                 continue
-            repaired, info = _repair(method, model, splits[n], slack, retrain_grid, layers)
+            repaired, info = _repair(method, model, pool, splits[n], slack, retrain_grid, layers, seed=r)
             cells.setdefault((method, n, slack), []).append({**_accuracies(repaired, test, artifact), **info})
             if method in ratios and n == max(samples) and slack == slacks[0]:
                 ratios[method].append(info["seconds"] / _forward_seconds(model, splits[n]))

@@ -13,6 +13,7 @@ import time
 import torch
 from torch import nn
 
+from . import distributed
 from .data import Artifact, Dataset, poison
 from .errors import ModelfixError
 from .progress import progress_bar
@@ -22,15 +23,20 @@ LABEL_MODES = ("correlated", "random", "none")
 
 @torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Arg-max predictions for a whole tensor, batch by batch, in eval mode (state restored afterwards)."""
+    """Arg-max predictions for a whole tensor, batch by batch, in eval mode (state restored afterwards).
+
+    Under torchrun each process predicts its block of the rows (`distributed.shard_indices`) and every process gets
+    the whole vector back, so every count and metric computed from it equals the one-process value exactly."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.empty(len(x), dtype=torch.long)
-    for start in range(0, len(x), batch_size):
-        out[start : start + batch_size] = model(x[start : start + batch_size].to(device)).argmax(1).cpu()
+    rows = distributed.shard_indices(len(x))
+    out = torch.empty(len(rows), dtype=torch.long)
+    for start in range(0, len(rows), batch_size):
+        part = x[rows.start + start : rows.start + min(start + batch_size, len(rows))]
+        out[start : start + batch_size] = model(part.to(device)).argmax(1).cpu()
     model.train(was_training)
-    return out
+    return distributed.concat_shards(out)
 
 
 def _rates(correct: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

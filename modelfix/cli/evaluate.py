@@ -41,6 +41,7 @@ def evaluate(
     """Accuracy on clean and poisoned data: per class, per group, macro- and worst-group, and the drops."""
     from ..checkpoint import sha256_file
     from ..data import parse_artifact
+    from ..distributed import describe as describe_world
     from ..evaluate import evaluate as run_evaluation
     from ..report import results_document, write_run
 
@@ -82,6 +83,7 @@ def evaluate(
         data_info(spec, dataset),
         evaluation,
     )
+    results["distributed"] = describe_world()
     if explain is not None:
         results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
     if fragility is not None:

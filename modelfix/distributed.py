@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .errors import ModelfixError
 
 TIMEOUT = datetime.timedelta(minutes=30)
-_state = {"agreed": False, "backend": None}
+_state = {"agreed": False}
 
 
 class PeerFailed(ModelfixError):
@@ -43,15 +43,17 @@ def launched() -> bool:
 
 
 def init() -> None:
-    """Join the process group torchrun describes: gloo on CPU, nccl with CUDA (one GPU per local rank)."""
+    """Join the process group torchrun describes. With CUDA: nccl for CUDA tensors (one GPU per local rank, made
+    the current device, so `--device auto`/`cuda` means this process's GPU) and gloo for CPU tensors (a `--device cpu`
+    run, object collectives); without CUDA: gloo."""
     if dist.is_initialized() or not launched():
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=TIMEOUT)
-    _state.update(agreed=False, backend=backend)
+    _state["agreed"] = False
 
 
 def shutdown() -> None:
@@ -74,12 +76,7 @@ def is_main() -> bool:
 
 def describe() -> dict:
     """What a card and results.json record about how the run was spread."""
-    return {"world_size": world()[1], "backend": dist.get_backend() if active() else None}
-
-
-def default_device() -> str | None:
-    """This process's GPU under nccl (`cuda:LOCAL_RANK`), else None (the command's own choice stands)."""
-    return f"cuda:{torch.cuda.current_device()}" if active() and dist.get_backend() == "nccl" else None
+    return {"world_size": world()[1], "backend": str(dist.get_backend()) if active() else None}
 
 
 def shard_indices(n: int, rank: int | None = None, world_size: int | None = None) -> range:
@@ -140,11 +137,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().to(torch.float64).clone()
     if active():
         check_peers()
-        device = default_device()
-        if device is not None:
-            total = total.to(device)
         dist.all_reduce(total)
-    return total.to(tensor.device)
+    return total
 
 
 def gather_objects(obj) -> list:
@@ -200,17 +194,17 @@ def average_gradients(params: list[torch.nn.Parameter], share: float, values: li
     if not active():
         return list(values)
     check_peers()
-    device = default_device() or (params[0].device if params else "cpu")
-    parts = [(p.grad.detach().reshape(-1) * share) if p.grad is not None
-             else torch.zeros(p.numel(), device=device, dtype=p.dtype) for p in params]
+    device = params[0].device if params else torch.device("cpu")
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     present = [float(p.grad is not None) for p in params]
-    message = torch.cat([part.to(device, torch.float32) for part in parts]
-                        + [torch.tensor(present + list(values), dtype=torch.float32, device=device)])
+    message = torch.cat([(p.grad.detach().reshape(-1) * share).to(device, dtype) if p.grad is not None
+                         else torch.zeros(p.numel(), device=device, dtype=dtype) for p in params]
+                        + [torch.tensor(present + list(values), dtype=dtype, device=device)])
     dist.all_reduce(message)
     start = 0
-    for p, part in zip(params, parts):
-        p.grad = message[start:start + part.numel()].view_as(p).to(p.dtype).clone()
-        start += part.numel()
+    for p in params:
+        p.grad = message[start:start + p.numel()].view_as(p).to(p.device, p.dtype).clone()
+        start += p.numel()
     for p, count in zip(params, message[start:start + len(params)].tolist()):
         if count == 0:  # no process had a gradient for it
             p.grad = None

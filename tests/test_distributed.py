@@ -91,6 +91,49 @@ def test_one_process_is_the_identity():
     assert distributed.describe() == {"world_size": 1, "backend": None}
 
 
+def primitives_worker(rank: int, world: int, port: int) -> None:
+    """The collectives on 2 gloo processes, each checked against the same computation in this one process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        assert distributed.world() == (rank, world) and distributed.is_main() == (rank == 0)
+        # the agreement: rank 1 fails before any collective, rank 0 learns it at its first one
+        if rank == 1:
+            assert distributed.report_failure("bad --data", 2) == ("rank 1: bad --data", 2)
+        else:
+            with pytest.raises(distributed.PeerFailed) as failed:
+                distributed.all_reduce_sum(torch.ones(1))
+            assert str(failed.value) == "rank 1: bad --data" and failed.value.exit_code == 2
+        # float64 sums and shards put back together
+        x = torch.arange(7, dtype=torch.float32) / 3
+        block = distributed.shard_indices(len(x))
+        total = distributed.all_reduce_sum(torch.full((2,), 1 / 3) * (rank + 1))
+        expected_total = sum(torch.full((2,), 1 / 3).double() * (r + 1) for r in range(world))
+        assert total.dtype == torch.float64 and torch.equal(total, expected_total)  # added in float64
+        assert torch.equal(distributed.concat_shards(x[block.start:block.stop]), x)
+        # gradients of an uneven global batch (5 items: 2 + 3) equal the one-process batch-mean gradient
+        torch.manual_seed(0)
+        net, data, y = torch.nn.Linear(4, 3), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        unused = torch.nn.Parameter(torch.zeros(2))
+        torch.nn.functional.cross_entropy(net(data), y).backward()
+        expected = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        rows = distributed.shard_indices(5)
+        loss = torch.nn.functional.cross_entropy(net(data[rows.start:rows.stop]), y[rows.start:rows.stop])
+        loss.backward()
+        (summed,) = distributed.average_gradients([*net.parameters(), unused], len(rows) / 5, [len(rows) * 1.0])
+        assert summed == 5.0 and unused.grad is None
+        for p, e in zip(net.parameters(), expected):
+            assert torch.allclose(p.grad, e, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_primitives_on_two_processes_equal_one_process():
+    torch.multiprocessing.spawn(primitives_worker, args=(2, free_port()), nprocs=2)
+
+
 def test_evaluate_under_torchrun_equals_one_process(model, tmp_path):
     args = ["evaluate", model, "--data", "decoy-digits:test", "--poison", "0,0.5,1", "--labels", "correlated,random",
             "--batch-size", "64"]
@@ -171,3 +214,31 @@ def test_bad_input_on_one_rank_ends_every_rank_with_exit_2_and_writes_nothing(mo
         assert len(lines) == 1 and lines[0].startswith("error: rank 1: "), p.stderr
         assert "missing.safetensors" in lines[0] and "Traceback" not in p.stderr
     assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())  # nothing, not even staging
+
+
+def test_ctrl_c_ends_every_process_with_130_and_writes_nothing(tmp_path):
+    """SIGINT to every process (what a terminal's Ctrl-C, or torchrun forwarding it, does) once training runs."""
+    import signal
+    import time
+
+    out = tmp_path / "out.safetensors"
+    args = ["train", "--arch", "mlp", "--data", "decoy-digits:train", "--epochs", "500", "-o", out]
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "modelfix", *map(str, args)],
+                              env=env(MODELFIX_LOG_FORMAT="plain", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for r in range(2)]
+    try:
+        for line in procs[0].stderr:  # rank 0 logs the first epoch: both processes are in the training loop
+            if "epoch 1/" in line:
+                break
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert codes == [130, 130]
+    rank1 = procs[1].stderr.read()
+    assert "interrupted" in rank1 and "epoch" not in rank1  # logs come from rank 0 alone
+    assert list(tmp_path.iterdir()) == []

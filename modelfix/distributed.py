@@ -158,6 +158,26 @@ def concat_shards(shard: torch.Tensor) -> torch.Tensor:
     return torch.cat([part.to(shard.device) for part in gather_objects(shard.cpu())])
 
 
+def on_main(fn) -> None:
+    """`fn()` on rank 0 alone (writing the outputs); every process returns once it has finished, and an error it
+    raised ends every process alike (the others raise PeerFailed with rank 0's message and exit code)."""
+    if not active():
+        fn()
+        return
+    check_peers()
+    failure, error = [None], None
+    if is_main():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - told to the others, then raised here as it was
+            failure, error = [(str(exc), getattr(exc, "exit_code", 1))], exc
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise PeerFailed(f"rank 0: {failure[0][0]}", failure[0][1])
+
+
 def broadcast_model(model: torch.nn.Module) -> None:
     """Every process starts from rank 0's parameters and buffers (seeded runs agree anyway; this makes it so)."""
     if not active():

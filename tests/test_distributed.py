@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import run
 from modelfix import distributed
+from modelfix.errors import ModelfixError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -105,6 +106,14 @@ def primitives_worker(rank: int, world: int, port: int) -> None:
             with pytest.raises(distributed.PeerFailed) as failed:
                 distributed.all_reduce_sum(torch.ones(1))
             assert str(failed.value) == "rank 1: bad --data" and failed.value.exit_code == 2
+        # a write that fails on rank 0 (the only writer) ends every process alike
+        def write():
+            raise ModelfixError("cannot write the outputs: disk full")
+
+        with pytest.raises(ModelfixError) as failed:
+            distributed.on_main(write)
+        assert failed.value.exit_code == 2 and "disk full" in str(failed.value)
+        assert str(failed.value).startswith("rank 0: ") == (rank == 1)
         # float64 sums and shards put back together
         x = torch.arange(7, dtype=torch.float32) / 3
         block = distributed.shard_indices(len(x))

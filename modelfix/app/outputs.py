@@ -201,10 +201,12 @@ def commit(plan: OutputPlan, write_model: Callable[[Path, Path], None] | None = 
            write_folder: Callable[[Path], None] | None = None) -> None:
     """Write the plan's outputs together: `write_model(tmp, tmp_sidecar)` and `write_folder(staging)` fill
     temporary files; only when both have succeeded are they renamed into place (the pair under the folder lock).
-    Under torchrun only rank 0 writes, after the processes agreed that none failed."""
-    distributed.check_peers()
-    if not distributed.is_main():
-        return
+    Under torchrun only rank 0 writes, after the processes agreed that none failed, and a failed write ends every
+    process."""
+    distributed.on_main(lambda: _commit(plan, write_model, write_folder))
+
+
+def _commit(plan: OutputPlan, write_model, write_folder) -> None:
     tmp_paths: list[Path] = []
     folder_cm = staged_folder(Path(plan.folder)) if plan.folder is not None and write_folder else None
     try:

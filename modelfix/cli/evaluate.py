@@ -91,10 +91,9 @@ def evaluate(
 
         results["fragility"] = fragility_of_test(model, dataset, art, fragility, modes[0] if modes else "random", seed)
     if output_dir is not None:
-        from ..app.outputs import staged_folder
+        from ..app.outputs import commit
 
-        with staged_folder(plan.folder) as staging:
-            write_run(staging, results)
+        commit(plan, write_folder=lambda staging: write_run(staging, results))
     if json_output:
         from ..report import json_safe
 

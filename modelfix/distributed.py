@@ -10,9 +10,11 @@ process failed there and the others went on into a collective, they would wait f
 a run is an *agreement*: every process contributes "ok" or its error, and if any failed, every process stops with
 that error (`PeerFailed`, exit code of the failure). A process that fails before it reached a collective joins the
 agreement from the CLI's error handler (`report_failure`); one that finishes without any collective joins it at
-exit (`check_peers`). Outputs are committed only after the agreement (app.outputs calls `check_peers`) and only by
-rank 0, so a failure on any process leaves nothing written. Ctrl-C reaches every process of the group from the
-terminal; each exits 130 without any collective (a collective there could hang).
+exit (`check_peers`). Outputs are committed only after the agreement and only by rank 0, which tells the others
+how its writing went (`on_main`, called by app.outputs.commit), so a failure on any process leaves nothing written
+and ends every process. An error after the agreement that only one process meets (rare: the work is the same
+everywhere) ends that process; torchrun then stops the others. Ctrl-C reaches every process of the group; each exits
+130 without any collective (a collective there could hang).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class PeerFailed(ModelfixError):
 
 def launched() -> bool:
     """True when torchrun started this process as one of several (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    size = os.environ.get("WORLD_SIZE", "1")
+    return size.isdigit() and int(size) > 1 and "RANK" in os.environ
 
 
 def init() -> None:

@@ -120,7 +120,8 @@ def run_app() -> None:
     """`app()`, inside a torch.distributed process group when torchrun started this process as one of several:
     rank 0 alone prints results and progress; at the end every process learns whether another failed, and a
     process that finished well exits with that failure's code."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's variable; checked here so torch is not imported
+    # torchrun's variables, read here so that a plain run does not import torch
+    if "RANK" not in os.environ or os.environ.get("WORLD_SIZE", "1") in ("", "1"):
         app()
         return
     from .. import distributed

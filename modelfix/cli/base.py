@@ -36,6 +36,7 @@ app.add_typer(bench_app, name="bench")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+alert = Console(stderr=True, soft_wrap=True)  # errors and interruptions: printed by every torchrun process (run_app)
 state = {"debug": False}
 
 
@@ -92,10 +93,10 @@ def handles_errors(fn: Callable) -> Callable:
         except ModelfixError as exc:
             fail(*settle(str(exc), exc.exit_code), json_output)
         except KeyboardInterrupt:
-            err.print("interrupted", markup=False)
+            alert.print("interrupted", markup=False)
             raise typer.Exit(130)
         except Terminated:
-            err.print("terminated", markup=False)
+            alert.print("terminated", markup=False)
             raise typer.Exit(143)
         except RecursionError:
             fail(*settle("input nested too deeply to read (a JSON or YAML file?)", 2), json_output)
@@ -127,9 +128,10 @@ def run_app() -> None:
     from .. import distributed
 
     distributed.init()
-    if not distributed.is_main():
+    if not distributed.is_main():  # one copy of results, logs and warnings, from rank 0; errors from every process
         progress.MUTED = True
-        sys.stdout = open(os.devnull, "w")  # one copy of the results, from rank 0
+        sys.stdout = open(os.devnull, "w")
+        err.file = open(os.devnull, "w")
     try:
         app()
         code = 0
@@ -139,7 +141,7 @@ def run_app() -> None:
         try:
             distributed.check_peers()
         except ModelfixError as exc:
-            err.print("[red]error:[/red] " + escape(str(exc)), highlight=False)
+            alert.print("[red]error:[/red] " + escape(str(exc)), highlight=False)
             code = exc.exit_code
     distributed.shutdown()
     sys.exit(code)
@@ -150,7 +152,7 @@ def fail(message: str, code: int, json_output: bool) -> None:
         traceback.print_exc()
     if json_output:
         print(json.dumps({"error": {"message": message, "exit_code": code}}))
-    err.print("[red]error:[/red] " + escape(message), highlight=False)
+    alert.print("[red]error:[/red] " + escape(message), highlight=False)
     raise typer.Exit(code)
 
 

@@ -212,6 +212,18 @@ def test_finetune_two_processes_at_batch_b_equal_one_at_2b(model, small_data, tm
         assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
+def test_same_command_and_world_size_reproduce_the_checkpoint(model, small_data, tmp_path):
+    """r4-rand draws random points per process (seed + rank): still the same weights bit for bit on a rerun."""
+    args = ["finetune", model, "--method", "r4-rand", "--samples", "2", "--data", small_data, "--epochs", "1",
+            "--batch-size", "32"]
+    for name in ("a", "b"):
+        procs = launch(*[[*args, "-o", tmp_path / f"{name}.safetensors"]] * 2)
+        assert [p.returncode for p in procs] == [0, 0], procs[0].stderr + procs[1].stderr
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in load_file(str(model)).items())
+
+
 def test_bad_input_on_one_rank_ends_every_rank_with_exit_2_and_writes_nothing(model, tmp_path):
     out = tmp_path / "out.safetensors"
     args = ["refit", "--method", "rgem", "--scenario", "decoy-digits", "--keep-incorrect", "-o", out]

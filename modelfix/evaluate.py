@@ -13,6 +13,7 @@ import time
 import torch
 from torch import nn
 
+from . import distributed
 from .data import Artifact, Dataset
 from .data.poison import poisoned_chunks
 from .errors import ModelfixError
@@ -26,25 +27,28 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
 
     A net with 2-D convolutions runs in the channels-last layout for the call (weights converted and converted
     back; the logits agree to float rounding): torch's CPU max-pool and convs are faster there (tap-cnn predicts
-    2.1× faster, docs/benchmarks.md "Performance")."""
+    2.1× faster, docs/benchmarks.md "Performance"). Under torchrun each process predicts its block of the rows
+    (`distributed.shard_indices`) and every process gets the whole vector back, so every count and metric computed
+    from it equals the one-process value exactly."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
     layout = torch.channels_last if convs else torch.contiguous_format
-    out = torch.empty(len(x), dtype=torch.long)
+    rows = distributed.shard_indices(len(x))
+    out = torch.empty(len(rows), dtype=torch.long)
     try:
         if convs:
             _convert(model, torch.channels_last)
         with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                batch = x[start : start + batch_size].to(device)
-                out[start : start + batch_size] = model(batch.contiguous(memory_format=layout)).argmax(1).cpu()
+            for start in range(0, len(rows), batch_size):
+                part = x[rows.start + start : rows.start + min(start + batch_size, len(rows))]
+                out[start : start + batch_size] = model(part.to(device).contiguous(memory_format=layout)).argmax(1).cpu()
     finally:
         if convs:
             _convert(model, torch.contiguous_format)
         model.train(was_training)
-    return out
+    return distributed.concat_shards(out)
 
 
 def _convert(model: nn.Module, layout: torch.memory_format) -> None:

@@ -56,8 +56,12 @@ def log_format(stream: IO[str] | None = None) -> str:
     return "rich" if callable(isatty) and isatty() else "plain"
 
 
+# Under torchrun every process but rank 0 sets this: one progress display per run, whatever the format.
+MUTED = False
+
+
 def _active(enabled: bool) -> bool:
-    return enabled and (ENABLED or LOG_FORMAT in ("plain", "json"))
+    return enabled and not MUTED and (ENABLED or LOG_FORMAT in ("plain", "json"))
 
 
 def _value(value):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Dataset
 from .errors import ModelfixError, TrainingFailed
 from .progress import log_epoch, progress_bar
@@ -186,6 +187,30 @@ def check_divergence(epoch_loss: float, first_loss: float, num_classes: int, epo
                              f"{DIVERGENCE:g}× the first step's {first_loss:.4g}", hint="lower --lr or the penalty weight")
 
 
+def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
+    """One epoch's batches of this process, as `(batch, items in the global batch)`.
+
+    One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch.
+    Under torchrun every process draws the same permutation (same seed, same generator), cuts it into global batches
+    of `world · batch_size` items and takes its contiguous block of each (`distributed.shard_indices`): every item
+    once per epoch, and N processes at batch b step like one process at batch N·b. A short last global batch is
+    split as evenly; a process whose block is empty still takes part in the step (its batch has no items).
+    """
+    rank, world = distributed.world()
+    if world == 1:
+        for batch in data.batches(batch_size, shuffle=True, generator=generator):
+            yield batch, len(batch["y"])
+        return
+    order = torch.randperm(len(data), generator=generator)  # the draw Dataset.batches makes
+    step = batch_size * world
+    for start in range(0, len(order), step):
+        block = order[start:start + step]
+        part = distributed.shard_indices(len(block), rank, world)
+        mine = block[part.start:part.stop]
+        yield {"x": data.x[mine], "y": data.y[mine], "mask": data.mask[mine], "has_mask": data.has_mask[mine],
+               "group": data.group[mine], "index": mine}, len(block)
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -206,7 +231,12 @@ def train(
     if config.select == "best" and val is None:
         raise ModelfixError("--select best needs validation data (--val)")
     objective = objective or TaskObjective(config.loss)
-    seed_everything(config.seed)
+    rank, world = distributed.world()
+    if len(data) < world:
+        raise ModelfixError(f"{len(data)} training items for {world} processes", hint="use fewer processes")
+    distributed.broadcast_model(model)
+    # the shuffle below is seeded alike everywhere; random draws of objectives (noise, PGD starts, dropout) differ
+    seed_everything(config.seed + rank)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
     frozen = _batchnorms(model) if config.freeze_bn else []
@@ -217,7 +247,8 @@ def train(
     result = TrainResult()
     best_acc, best_state = -1.0, None
     last_finite = first_loss = None
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    names_seen: list[str] = []
+    steps_per_epoch = math.ceil(len(data) / (config.batch_size * world))
     start = time.perf_counter()
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(description, total=config.epochs * steps_per_epoch)
@@ -231,9 +262,20 @@ def train(
                 group["lr"] = lr
             sums: dict[str, float] = {}
             seen = 0
-            for step, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=shuffle_gen), 1):
+            for step, (batch, n) in enumerate(epoch_batches(data, config.batch_size, shuffle_gen), 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, parts = objective(model, batch)
+                mine = len(batch["y"])
+                loss, parts = objective(model, batch) if mine else (torch.zeros((), device=device), {})
+                if world > 1:  # backward on this block, then the global batch's gradient, loss and parts
+                    optimizer.zero_grad(set_to_none=True)
+                    if mine:
+                        loss.backward()
+                    names = sorted(parts) or names_seen  # an empty block has no parts of its own
+                    names_seen = names
+                    totals = distributed.average_gradients(
+                        trainable, mine / n, [float(loss.detach()) * mine, *(float(parts.get(k, 0.0)) * mine for k in names)])
+                    loss = torch.tensor(totals[0] / n)
+                    parts = {k: v / n for k, v in zip(names, totals[1:])}
                 if not torch.isfinite(loss):
                     where = f"epoch {epoch}, step {step}"
                     last = f"{last_finite:.6g}" if last_finite is not None else "none"
@@ -244,17 +286,18 @@ def train(
                 last_finite = float(loss.detach())
                 if first_loss is None:
                     first_loss = float(parts.get("task", last_finite))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if world == 1:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 if config.grad_clip:  # the norm of what the optimiser moves: frozen BatchNorm's gradients do not count
                     nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
-                n = len(batch["y"])
                 seen += n
                 sums["loss"] = sums.get("loss", 0.0) + last_finite * n
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * n
                 bar.update(task, advance=1, description=f"{description} epoch {epoch}/{config.epochs} loss {last_finite:.4f}")
+            distributed.average_buffers(model)  # BatchNorm statistics saw only this process's items
             record = {"epoch": epoch, "lr": lr, **schedule, **{k: v / seen for k, v in sums.items()}}
             check_divergence(record.get("task", record["loss"]), first_loss, len(data.class_names), epoch)
             if val is not None:

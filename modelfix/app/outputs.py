@@ -10,6 +10,8 @@ Rules (docs/formats.md, "Writing outputs"):
   targets and renamed into place only when everything has been written. The renames of one checkpoint's pair happen
   under an exclusive lock on its folder, so two writers racing for one `-o` leave one writer's model with that
   same writer's card (the last to commit wins). Files are written with mode 0666 & ~umask.
+- under torchrun only rank 0 writes, and only after every process has agreed that none failed
+  (`distributed.check_peers`), so a failure on any process leaves nothing written.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from modelfix import distributed
 from modelfix.errors import ModelfixError
 
 NAME_MAX = 255
@@ -168,7 +172,12 @@ def _share(path: Path) -> None:
 def staged_folder(target: Path) -> Iterator[Path]:
     """A fresh temporary sibling of `target` to fill; when the block ends normally it replaces `target` (an old
     `target` is moved aside first and removed after); on any error (KeyboardInterrupt and SIGTERM included) it is
-    removed and `target` is left as it was."""
+    removed and `target` is left as it was. Under torchrun a process other than rank 0 fills a throwaway folder."""
+    distributed.check_peers()
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
+            yield Path(throwaway)
+        return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
@@ -194,7 +203,13 @@ def staged_folder(target: Path) -> Iterator[Path]:
 def commit(plan: OutputPlan, write_model: Callable[[Path, Path], None] | None = None,
            write_folder: Callable[[Path], None] | None = None) -> None:
     """Write the plan's outputs together: `write_model(tmp, tmp_sidecar)` and `write_folder(staging)` fill
-    temporary files; only when both have succeeded are they renamed into place (the pair under the folder lock)."""
+    temporary files; only when both have succeeded are they renamed into place (the pair under the folder lock).
+    Under torchrun only rank 0 writes, after the processes agreed that none failed, and a failed write ends every
+    process."""
+    distributed.on_main(lambda: _commit(plan, write_model, write_folder))
+
+
+def _commit(plan: OutputPlan, write_model, write_folder) -> None:
     tmp_paths: list[Path] = []
     folder_cm = staged_folder(Path(plan.folder)) if plan.folder is not None and write_folder else None
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelfix import distributed
 from modelfix.app import outputs, resolve
 from modelfix.errors import ModelfixError
 from modelfix.repair.registry import check_options, get_method
@@ -203,7 +204,7 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
 
     document = result_document(job, entry, result, data if clean is None else clean, val)
     history = {k: document[k] for k in ("command", "method", "config", "data", "val", "hyperparameters", "sweep",
-                                        "trace", "fold") if k in document}
+                                        "trace", "fold", "distributed") if k in document}
     history["invocation"] = job.invocation
     new_card = card.with_history(json_safe(history))
     if job.model_path is not None:
@@ -251,7 +252,8 @@ def result_document(job: RepairJob, entry, result: RepairResult, data, val) -> d
     document = {"schema": "modelfix.repair/v1", "command": job.command, "method": result.method, "paper": entry.paper,
                 "model": str(job.model_path) if job.model_path else "random initialisation",
                 "output": str(job.output), "config": job.config or result.settings, "data": info,
-                "selection": _selection_rows(result), "timings": result.timings}
+                "selection": _selection_rows(result), "timings": result.timings,
+                "distributed": distributed.describe()}  # world_size and backend: how the run was spread
     if result.kind == "finetune":
         settings = dict(result.settings)
         document.update(schema="modelfix.finetune/v1", config=settings.pop("config"), sweep=result.details["sweep"],

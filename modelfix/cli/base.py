@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
+import sys
 import traceback
 import warnings
 from typing import Annotated, Callable
@@ -37,6 +39,7 @@ app.add_typer(bench_app, name="bench")
 # the few styled words are rich Text with a style, never markup
 out = Console(soft_wrap=True, markup=False)
 err = Console(stderr=True, soft_wrap=True, markup=False)
+alert = Console(stderr=True, soft_wrap=True, markup=False)  # errors and interruptions: printed by every torchrun process (run_app)
 state = {"debug": False}
 
 
@@ -96,17 +99,18 @@ def handles_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except ModelfixError as exc:
-            fail(str(exc), exc.exit_code, json_output)
+            fail(*settle(str(exc), exc.exit_code), json_output)
         except KeyboardInterrupt:
-            err.print("interrupted", markup=False)
+            alert.print("interrupted", markup=False)
             raise typer.Exit(130)
         except Terminated:
-            err.print("terminated", markup=False)
+            alert.print("terminated", markup=False)
             raise typer.Exit(143)
         except RecursionError:
-            fail("input nested too deeply to read (a JSON or YAML file?)", 2, json_output)
+            fail(*settle("input nested too deeply to read (a JSON or YAML file?)", 2), json_output)
         except Exception as exc:  # a bug, or something we did not foresee: still one line unless --debug
-            fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, json_output)
+            fail(*settle(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1),
+                 json_output)
 
     return wrapper
 
@@ -122,12 +126,52 @@ def _show_warning(message, category, *args, **kwargs) -> None:
         _python_showwarning(message, category, *args, **kwargs)
 
 
+def settle(message: str, code: int) -> tuple[str, int]:
+    """Under torchrun, the error every process prints: this one's, or the first failing rank's (docs/distributed.md);
+    the message and code unchanged in one process."""
+    if "torch.distributed" not in sys.modules:  # no process group can exist (and torch stays unimported)
+        return message, code
+    from .. import distributed
+
+    return distributed.report_failure(message, code)
+
+
+def run_app() -> None:
+    """`app()`, inside a torch.distributed process group when torchrun started this process as one of several:
+    rank 0 alone prints results and progress; at the end every process learns whether another failed, and a
+    process that finished well exits with that failure's code."""
+    # torchrun's variables, read here so that a plain run does not import torch
+    if "RANK" not in os.environ or os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        app()
+        return
+    from .. import distributed
+
+    distributed.init()
+    if not distributed.is_main():  # one copy of results, logs and warnings, from rank 0; errors from every process
+        progress.MUTED = True
+        sys.stdout = open(os.devnull, "w")
+        err.file = open(os.devnull, "w")
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if code == 0:
+        try:
+            distributed.check_peers()
+        except ModelfixError as exc:
+            alert.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False)
+            code = exc.exit_code
+    distributed.shutdown()
+    sys.exit(code)
+
+
 def fail(message: str, code: int, json_output: bool) -> None:
     if state["debug"]:
         traceback.print_exc()
     if json_output:
         print(json.dumps({"error": {"message": message, "exit_code": code}}))
-    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+    alert.print(Text.assemble(("error:", "red"), " ", message), highlight=False)  # every torchrun process
     raise typer.Exit(code)
 
 

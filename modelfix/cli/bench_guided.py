@@ -1,4 +1,4 @@
-"""The guided fine-tune benchmarks (`bench tap-mnist`, `bench cost`): parse options, call `modelfix.bench`, render.
+"""The guided fine-tune benchmarks (`bench tap-mnist`, `bench cost`, `bench scale`): parse options, call `modelfix.bench`, render.
 
 Registered on the `bench` Typer app when `modelfix.cli` is imported; no algorithms live here.
 """
@@ -227,3 +227,31 @@ def bench_r4_mnist(
         return
     out.print(table)
     out.print(f"{result['seconds'] / 60:.1f} min")
+
+
+@bench_app.command("scale", epilog="Example: modelfix bench scale --methods erm,rrr,r4-cert --epochs 3")
+@handles_errors
+def bench_scale(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated training methods.")] = "erm,rrr,r4-cert",
+    processes: Annotated[str, typer.Option("--processes", help="Comma-separated process counts (gloo, 1 thread each).")] = "1,2",
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs over decoy-digits:train per run.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per process per step.")] = 64,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Training items/s of each method on 1 and on N processes (torch.distributed, as under torchrun)."""
+    from ..bench.scale import run
+
+    if not all(p.isdigit() for p in _names(processes, "--processes")):
+        raise ModelfixError(f"--processes takes comma-separated whole numbers, not '{processes}'")
+    worlds = tuple(int(p) for p in _names(processes, "--processes"))
+    result = run(methods=_names(methods, "--methods"), worlds=worlds, epochs=epochs, batch_size=batch_size)
+    if _write_json(output, result, json_output):
+        return
+    table = Table(title=f"mlp on {result['data']} ({result['items']} items × {epochs} epochs), gloo, 1 thread each")
+    for col in ("method", "processes", "global batch", "s", "items/s", "speed-up"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        table.add_row(row["method"], str(row["processes"]), str(row["global_batch"]), f"{row['seconds']:.2f}",
+                      f"{row['items_per_s']:.0f}", f"{row['speedup']:.2f}")
+    out.print(table)

@@ -43,6 +43,7 @@ def evaluate(
     """Accuracy on clean and poisoned data: per class, per group, macro- and worst-group, and the drops."""
     from ..checkpoint import sha256_file
     from ..data import parse_artifact
+    from ..distributed import describe as describe_world
     from ..evaluate import evaluate as run_evaluation
     from ..report import results_document, write_run
 
@@ -84,6 +85,7 @@ def evaluate(
         data_info(spec, dataset),
         evaluation,
     )
+    results["distributed"] = describe_world()
     if explain is not None:
         results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
     if fragility is not None:
@@ -91,10 +93,9 @@ def evaluate(
 
         results["fragility"] = fragility_of_test(model, dataset, art, fragility, modes[0] if modes else "random", seed)
     if output_dir is not None:
-        from ..app.outputs import staged_folder
+        from ..app.outputs import commit
 
-        with staged_folder(plan.folder) as staging:
-            write_run(staging, results)
+        commit(plan, write_folder=lambda staging: write_run(staging, results))
     if json_output:
         from ..report import json_safe
 

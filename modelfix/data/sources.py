@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import safe_json
+from .. import distributed, safe_json
 from ..atomic import share_mode
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
@@ -332,7 +332,13 @@ def safe_class_dir(name: str) -> str:
 @contextmanager
 def staged_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling folder to fill; renamed to `out_dir` (an absent or empty folder) when the block ends
-    normally, removed on any error, so a reader never sees a half-written folder."""
+    normally, removed on any error, so a reader never sees a half-written folder. Under torchrun a process other
+    than rank 0 fills a throwaway folder (one writer per output)."""
+    distributed.check_peers()
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
+            yield Path(throwaway)
+        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:

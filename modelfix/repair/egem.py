@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
@@ -233,6 +234,28 @@ class _Accumulator:
         self.n_pca += float(weights.sum())
         self.unique_pca += len(weights)
 
+    def merge_processes(self) -> None:
+        """Under torchrun: replace this process's sums with the sums over every process (each ran its block of
+        the samples), identically on every process. The PCA sums are re-centred on one common shift (the first
+        process's): with d = shift_r − shift, S1 += n·d and SS += S1 dᵀ + d S1ᵀ + n d dᵀ, all float64."""
+        if distributed.world()[1] == 1:
+            return
+        keys = ("n", "unique", "s2", "n_pca", "unique_pca", "shift", "s1", "ss")
+        parts = [p for p in distributed.gather_objects({k: getattr(self, k) for k in keys}) if p["s2"] is not None]
+        if not parts:
+            return
+        self.n, self.unique = sum(p["n"] for p in parts), sum(p["unique"] for p in parts)
+        self.n_pca, self.unique_pca = sum(p["n_pca"] for p in parts), sum(p["unique_pca"] for p in parts)
+        self.s2 = sum(p["s2"].cpu() for p in parts)
+        if self.pca_mode is None:
+            return
+        shift, s1, ss = parts[0]["shift"].cpu(), 0, 0
+        for p in parts:
+            d, p_s1 = p["shift"].cpu() - shift, p["s1"].cpu()
+            s1 = s1 + p_s1 + p["n_pca"] * d
+            ss = ss + p["ss"].cpu() + torch.outer(p_s1, d) + torch.outer(d, p_s1) + p["n_pca"] * torch.outer(d, d)
+        self.shift, self.s1, self.ss = shift, s1, ss
+
     def finish(self) -> LayerStats:
         name = self.point.name
         if self.s2 is None or self.n <= 0:
@@ -280,6 +303,8 @@ def collect_stats(
     device = _device(model)
     accumulators = {p.name: _Accumulator(p, pca, conv_mode) for p in points}
     active = torch.nonzero(counts > 0).flatten()
+    mine = distributed.shard_indices(len(active))  # under torchrun, this process's block; merged after the pass
+    active = active[mine.start:mine.stop]
     current: dict[str, Tensor] = {}
     handles = []
     was_training = model.training
@@ -313,6 +338,8 @@ def collect_stats(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for acc in accumulators.values():
+        acc.merge_processes()
     return {name: acc.finish() for name, acc in accumulators.items()}
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
@@ -56,6 +57,11 @@ def _capture(model: nn.Module, data: Dataset, batch_size: int, progress: bool,
     checks that the model's logits are exactly that output, i.e. the Linear is the final operation: otherwise a refit
     of it would not be a refit of the logits, and the model is refused. Eval mode (restored after),
     `inference_mode`; hooks removed in `finally`.
+
+    Under torchrun each process runs its block of the items (`distributed.shard_indices`) and the blocks are
+    concatenated in rank order, so every process holds the one-process features and logits: the ridge moments, the
+    λ grid and the selection that follow are then the one-process computation (the rows are n×d float64, which one
+    process holds anyway).
     """
     name, layer = last_linear(model.net)
     seen: dict[str, list[Tensor]] = {"in": [], "out": []}
@@ -73,11 +79,12 @@ def _capture(model: nn.Module, data: Dataset, batch_size: int, progress: bool,
     try:
         model.eval()
         with torch.inference_mode(), progress_bar(progress) as bar:
-            task = bar.add_task(description, total=len(data))
-            for start in range(0, len(data), batch_size):
+            rows = distributed.shard_indices(len(data))
+            task = bar.add_task(description, total=len(rows))
+            for start in range(rows.start, rows.stop, batch_size):
                 seen["in"].clear()
                 seen["out"].clear()
-                out = model(data.x[start : start + batch_size].to(device))
+                out = model(data.x[start : min(start + batch_size, rows.stop)].to(device))
                 if len(seen["in"]) != 1:
                     raise UnsupportedModel(f"the last linear layer '{name}' ran {len(seen['in'])} times in one "
                                            "forward pass; a last-layer refit needs it to run once")
@@ -99,8 +106,8 @@ def _capture(model: nn.Module, data: Dataset, batch_size: int, progress: bool,
         model.train(was_training)
     d, k = layer.in_features, layer.out_features
     if not features:
-        return torch.zeros(0, d, dtype=torch.float64), torch.zeros(0, k, dtype=torch.float64)
-    return torch.cat(features), torch.cat(logits)
+        features, logits = [torch.zeros(0, d, dtype=torch.float64)], [torch.zeros(0, k, dtype=torch.float64)]
+    return distributed.concat_shards(torch.cat(features)), distributed.concat_shards(torch.cat(logits))
 
 
 def penultimate_features(model: nn.Module, data: Dataset, batch_size: int = 256, progress: bool = True) -> Tensor:

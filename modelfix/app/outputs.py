@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from modelfix import distributed
 from modelfix.errors import ModelfixError
 
 NAME_MAX = 255
@@ -173,6 +172,8 @@ def staged_folder(target: Path) -> Iterator[Path]:
     """A fresh temporary sibling of `target` to fill; when the block ends normally it replaces `target` (an old
     `target` is moved aside first and removed after); on any error (KeyboardInterrupt and SIGTERM included) it is
     removed and `target` is left as it was. Under torchrun a process other than rank 0 fills a throwaway folder."""
+    from modelfix import distributed  # imported on use: the CLI imports this module before any torch is needed
+
     distributed.check_peers()
     if not distributed.is_main():
         with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
@@ -206,6 +207,8 @@ def commit(plan: OutputPlan, write_model: Callable[[Path, Path], None] | None = 
     temporary files; only when both have succeeded are they renamed into place (the pair under the folder lock).
     Under torchrun only rank 0 writes, after the processes agreed that none failed, and a failed write ends every
     process."""
+    from modelfix import distributed
+
     distributed.on_main(lambda: _commit(plan, write_model, write_folder))
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..app.resolve import device_name
+from ..app.resolve import device_name, parse_floats
 from ..errors import ModelfixError
 from .base import bench_app, handles_errors, out
 from .options import DataRootOpt, JsonOpt
@@ -198,6 +198,9 @@ def bench_r4_mnist(
     train_size: Annotated[int, typer.Option("--train-size", help="Seeded subset of the 60k training images (0: all, as R4).")] = 0,
     test_size: Annotated[int, typer.Option("--test-size", help="First N items of each test set (0: all).")] = 0,
     lambdas: Annotated[Optional[str], typer.Option("--lambda", help="Per-method λ, e.g. rrr=1e-3 (methods with one: rrr, smooth-rrr, pgd-ex, r4-*; default: R4's).")] = None,
+    lambda_grid: Annotated[Optional[list[str]], typer.Option("--lambda-grid", help="CASE=V1,V2,…: λ candidates chosen on val-permuted (repeatable), e.g. rrr=1e-4,1e-3,1e-2.")] = None,
+    loss: Annotated[str, typer.Option("--loss", help="ce, or R4's double-softmax (CE of softmax outputs; for reproducing R4's table only).")] = "ce",
+    tests: Annotated[str, typer.Option("--tests", help="Comma-separated test splits: permuted, contaminated, permuted-r4 (R4's recoloured permuted test).")] = "permuted,contaminated",
     threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads (0: leave as is).")] = 0,
     data_root: DataRootOpt = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
@@ -221,8 +224,11 @@ def bench_r4_mnist(
             out.print("  ".join(_r4_row(case, row)))
         table.add_row(*_r4_row(case, row))
 
+    grid = {case: list(parse_floats(values, "--lambda-grid") or ())
+            for case, _, values in (item.partition("=") for item in lambda_grid or [])}
     result = run(data_root=data_root, cases=_names(methods, "--methods"), restarts=restarts, epochs=epochs or None,
-                 train_size=train_size or None, test_size=test_size or None, on_case=show, lambdas=_case_values(lambdas))
+                 train_size=train_size or None, test_size=test_size or None, on_case=show, lambdas=_case_values(lambdas),
+                 loss=loss, tests=tuple(t.strip() for t in tests.split(",") if t.strip()), lambda_grid=grid or None)
     if _write_json(output, result, json_output):
         return
     out.print(table)

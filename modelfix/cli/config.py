@@ -16,7 +16,6 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from ..app import outputs
 from ..errors import ModelfixError
 from .base import app, handles_errors, say
 
@@ -109,10 +108,11 @@ def with_config(command: Callable, name: str) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from .. import runtime
+        from ..app import outputs  # here, not at the top: the CLI imports no torch before a command runs
 
         config = kwargs.pop("config", None)
         outputs.session_inputs[:] = [config] if config is not None else []  # a config is an input too
-        threads = kwargs.get("threads") if own_threads else kwargs.pop("threads", None)
+        threads = (kwargs.get("threads") or None) if own_threads else kwargs.pop("threads", None)
         if threads is not None and threads < 0:
             raise typer.BadParameter(f"must be >= 0, not {threads}", param_hint="--threads")
         runtime.configure(threads)
@@ -145,7 +145,9 @@ def rerun(
     from ..checkpoint import sidecar_path
 
     # the repeated command does not know OUT's sidecar is what it replays: protect both here
-    outputs.OutputPlan(model=output, inputs=[model_path]).check()
+    from ..app.outputs import OutputPlan
+
+    OutputPlan(model=output, inputs=[model_path]).check()
     side = sidecar_path(model_path)
     if not side.is_file():
         raise ModelfixError(f"{model_path}: no card sidecar {side.name} beside it", hint="rerun reads OUT.card.json")

@@ -576,8 +576,10 @@ def run_egem_family(inputs, method: str, **options):
         trace["fold"] = {"folded": folded.folded, "kept": folded.kept}
     if trace["alpha"] >= 1.0:
         trace.setdefault("warnings", []).append(
-            "α = 1 was selected: the repaired model is the original (no unit was scaled); the slack rule found no "
-            "stronger α within the validation-accuracy slack")
+            "α = 1 was selected: the repaired model is the original (no unit was scaled); " + (
+                "no stronger α within the validation-accuracy slack scored better on the counterfactual validation set"
+                if trace.get("selected_by") == "counterfactual" else
+                "the slack rule found no stronger α within the validation-accuracy slack"))
     return slack_result(repaired, "posthoc", trace, options, "alpha")
 
 

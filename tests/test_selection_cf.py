@@ -112,20 +112,36 @@ def test_holdout_is_a_seeded_partition():
 # ---- λ auto ---------------------------------------------------------------------------------------------------------
 
 
+def hand_task_and_penalty(model, x, y):
+    with torch.no_grad():  # cross-entropy written out: mean over items of logsumexp(z) − z_y
+        z = model.net.fc2(torch.tanh(model.net.fc1(x.flatten(1))))
+        task = sum(math.log(sum(math.exp(v) for v in z[i].tolist())) - float(z[i, y[i]]) for i in range(len(y)))
+        penalty = 0.5 * sum(float((p ** 2).sum()) for p in model.parameters())  # erm-l2: ½ Σ θ²
+    return task / len(y), penalty
+
+
 def test_lambda_auto_is_task_over_penalty_by_hand():
     model = tiny_model()
     x = torch.tensor([[[[0.5, -1.0], [2.0, 0.0]]], [[[1.0, 1.0], [-0.5, 0.25]]], [[[0.0, 0.3], [0.1, -2.0]]]])
-    y = torch.tensor([0, 2, 1])
-    data = Dataset(x=x, y=y, class_names=["a", "b", "c"])
-    with torch.no_grad():  # cross-entropy written out: mean over items of logsumexp(z) − z_y
-        z = model.net.fc2(torch.tanh(model.net.fc1(x.flatten(1))))
-        task = sum(math.log(sum(math.exp(v) for v in z[i].tolist())) - float(z[i, y[i]]) for i in range(3)) / 3
-        penalty = 0.5 * sum(float((p ** 2).sum()) for p in model.parameters())  # erm-l2: ½ Σ θ²
+    with torch.no_grad():
+        right = model(x).argmax(1)
+        model.net.fc2.weight.mul_(8)  # confident: a wrong label costs far more than ln 3
+    wrong = (right + 1) % 3
+    data = Dataset(x=x, y=wrong, class_names=["a", "b", "c"])
+    task, penalty = hand_task_and_penalty(model, x, wrong)
+    assert task > math.log(3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = calibrate_lambda("erm-l2", model, data, TrainConfig(batch_size=8, seed=0))
     assert result["lambda0"] == pytest.approx(task / penalty, rel=1e-5)
     assert result["task"] == pytest.approx(task, rel=1e-5) and result["penalty"] == pytest.approx(penalty, rel=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update
+    # the labels it predicts: the task loss is below ln 3, and ln 3 is the scale
+    fitted = Dataset(x=x, y=right, class_names=["a", "b", "c"])
+    task, penalty = hand_task_and_penalty(model, x, right)
+    assert task < math.log(3)
+    result = calibrate_lambda("erm-l2", model, fitted, TrainConfig(batch_size=8, seed=0))
+    assert result["lambda0"] == pytest.approx(math.log(3) / penalty, rel=1e-5)
+    assert result["task"] == pytest.approx(task, rel=1e-4)
 
 
 def test_repair_defaults_to_lambda_auto_with_a_held_out_slice():

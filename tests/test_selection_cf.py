@@ -209,3 +209,28 @@ def test_paper_rule_gives_the_old_choice_and_counterfactual_records_every_score(
     none = repair(model, None, "rgem", clean=clean, progress=False, samples_per_class=30)
     assert none.selection.rule == NO_ARTIFACT and none.selection.value == trace["lambda"]
     assert any("no artifact is known" in w for w in none.warnings)
+
+
+# ---- the commands ------------------------------------------------------------------------------------------------------
+
+
+def test_cli_select_and_lambda_auto(shortcut, tmp_path):
+    import json
+
+    from cli_helpers import run
+
+    result = run("refit", shortcut, "--clean-dir", "decoy-digits:val", "--samples-per-class", "20", "--select", "paper",
+                 "-o", tmp_path / "paper.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["selection"]["rows"][0]["cf_score"] is None
+    result = run("refit", shortcut, "--clean-dir", "decoy-digits:val", "--samples-per-class", "20",
+                 "-o", tmp_path / "cf.safetensors", "--json")  # the card's artifact: corner-patch
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["trace"]["rule"].startswith("counterfactual") and doc["selection"]["rows"][0]["cf_score"] is not None
+    result = run("finetune", shortcut, "--method", "erm-l2", "--lambda", "auto", "--epochs", "1", "--val",
+                 "decoy-digits:clean", "-o", tmp_path / "l2.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    sweep = json.loads(result.stdout)["sweep"]
+    assert sweep["select_by"] == "counterfactual" and len(sweep["runs"]) == 3
+    assert sweep["lambdas"][1] == pytest.approx(sweep["calibration"]["lambda0"])

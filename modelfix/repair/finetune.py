@@ -277,6 +277,10 @@ def run_finetune(entry: Method, inputs, **options):
         artifact = find_artifact(inputs.artifact, inputs.data)
         if artifact is not None and val is not None:
             counterfactual = counterfactual_set(val, artifact, inputs.seed)
+            if several and float(val.has_mask.float().mean()) > 0.5:
+                warnings.append(f"{int(val.has_mask.sum())} of the {len(val)} validation items carry a mask (the "
+                                "artifact is already on them): neither their clean accuracy nor the counterfactual "
+                                "score can show the shortcut well; pass a --val of clean items")
         else:
             select_by = "accuracy"
             if artifact is None and several:

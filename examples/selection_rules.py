@@ -10,9 +10,9 @@ Cases:
   clean pool is the scenario's `clean` split, RRR's masks are the tag's region on every training image (as the demo),
   RRR's validation data is the clean split;
 - `rgb-disc`: a synthetic 3-class RGB task at 64×64 (stripes at three orientations under noise) with a magenta disc
-  on 90 % of class 0's training images; a torchvision resnet18 trained 6 epochs from scratch (Adam 1e-3, batch 32) takes the disc. Masks:
-  the disc's footprint on the items that carry it; the clean pool and RRR's validation data are a clean split of
-  their own; test: a clean split, and the same with the disc on every image.
+  on 90 % of class 0's training images; a torchvision resnet18 trained 6 epochs from scratch (Adam 1e-3, batch 32)
+  takes the disc. Masks: the disc's footprint on the items that carry it; the clean pool and RRR's validation data
+  are a clean split of their own; test: a clean split, and the same with the disc on every image.
 Test data is only evaluated, never used to choose anything.
 """
 
@@ -37,7 +37,7 @@ from modelfix.zoo import build_model
 
 
 def stripes(n: int, seed: int, size: int = 64) -> Dataset:
-    """Three classes: stripes at 0°, 60°, 120° (random frequency and phase) of low contrast on a random colour, noise."""
+    """Three classes: low-contrast stripes at 0°, 60°, 120° (random frequency and phase) on a random colour, noise."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
     angle = y.float() * math.pi / 3 + (torch.rand(n, generator=g) - 0.5) * 0.3

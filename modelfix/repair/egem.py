@@ -32,7 +32,8 @@ from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.counterfactual import check_rule, posthoc_counterfactual, rule_name, score_model, select_counterfactual
+from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, score_model,
+                                            select_counterfactual)
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 
@@ -566,7 +567,8 @@ def run_egem_family(inputs, method: str, **options):
     config.counterfactual, rule, warnings = posthoc_counterfactual(inputs, split, options.get("select",
                                                                                            "counterfactual"))
     if method == "egem-full" and config.counterfactual is not None:  # its own α loop scores clean accuracy only
-        config.counterfactual, rule = None, f"slack {config.slack:g} ({config.slack_mode}); egem-full has no counterfactual rule"
+        config.counterfactual = None
+        rule = f"slack {config.slack:g} ({config.slack_mode}); egem-full has no counterfactual rule"
     repaired, trace = fit_egem(inputs.model, split, config, inputs.progress)
     if rule is not None and config.alpha is None:
         trace["rule"] = rule

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
-from modelfix.repair.counterfactual import check_rule, posthoc_counterfactual, rule_name, select_counterfactual, worst_group
+from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, select_counterfactual,
+                                            worst_group)
 from modelfix.repair.refinement import RefinementSplit
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table

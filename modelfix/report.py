@@ -163,10 +163,13 @@ def render_repair_markdown(doc: dict) -> str:
     if warnings:  # first, where a reader cannot miss them
         lines[2:2] = [f"> **Warning:** {_md(w)}" for w in warnings] + [""]
     if trace.get("selection"):
-        lines += [f"| {key} | validation accuracy % | within slack |", "|---:|---:|:---:|"]
+        lines += [f"selection rule: {_md(trace.get('rule') or 'slack')}", "",
+                  f"| {key} | validation accuracy % | within slack | counterfactual worst group % |",
+                  "|---:|---:|:---:|---:|"]
         for row in trace["selection"]:
             chosen = " **(chosen)**" if row[key] == trace[key] else ""
-            lines.append(f"| {row[key]:g}{chosen} | {_pct(row['val_acc'])} | {'yes' if row['passed'] else 'no'} |")
+            lines.append(f"| {row[key]:g}{chosen} | {_pct(row['val_acc'])} | {'yes' if row['passed'] else 'no'} | "
+                         f"{_pct(row.get('cf_worst'))} |")
         lines.append("")
     if trace.get("layers"):
         lines += ["| layer | kind | τ | λ | mean factor | units | pruned (< 0.01) |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -202,17 +205,20 @@ def render_finetune_markdown(doc: dict) -> str:
             "optimizer", "lr", "momentum", "epochs", "batch_size", "weight_decay", "grad_clip", "freeze_bn", "seed",
             "select") if k in config),
         f"- chosen: λ = {_md(sweep['chosen_lambda'])}"
-        + (f" (best validation {_md(sweep['select_by'])})" if sweep["select_by"] else ""),
+        + (f" (by {_md(sweep['select_by'])})" if sweep["select_by"] else ""),
         "",
-        "| λ | final loss | task | penalty | validation accuracy % | validation loss | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| λ | final loss | task | penalty | validation accuracy % | counterfactual worst group % | validation loss "
+        "| seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     num = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for run in sweep["runs"]:
         lam = "–" if run["lambda"] is None else f"{run['lambda']:g}"
+        lam += " (diverged)" if run.get("diverged") else ""
         lines.append(f"| {lam}{' **(chosen)**' if run['chosen'] else ''} | {num(run['final_loss'], '.4f')} | "
                      f"{num(run['final_task'], '.4f')} | {num(run['final_penalty'], '.4g')} | "
-                     f"{_pct(run.get('val_accuracy'))} | {num(run.get('val_loss'), '.4f')} | {num(run['seconds'], '.1f')} |")
+                     f"{_pct(run.get('val_accuracy'))} | {_pct(run.get('cf_worst_group'))} | "
+                     f"{num(run.get('val_loss'), '.4f')} | {num(run['seconds'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

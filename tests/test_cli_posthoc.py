@@ -25,8 +25,9 @@ def cnn(tmp_path_factory):
 
 def test_prune_egem_writes_a_folded_checkpoint_and_report(cnn, tmp_path):
     out = tmp_path / "egem.safetensors"
+    # the paper's slack rule prunes here (the counterfactual rule keeps α = 1 on this model: nothing to fold)
     result = run("prune-egem", cnn, "--clean-dir", "decoy-digits:val", "--samples-per-class", "30", "-o", out,
-                 "--report", tmp_path / "report", "--json")
+                 "--report", tmp_path / "report", "--json", "--select", "paper")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     trace = doc["trace"]

@@ -148,7 +148,6 @@ def assert_nothing_written(folder, *keep):
     (("--method", "tap"), "no conv feature maps"),
     (("--method", "egem"), "post-hoc"),
     (("--method", "nope"), "unknown method"),
-    (("--method", "rrr", "--lambda", "1,2"), "needs validation data"),
     (("--method", "rrr", "--lambda", "x"), "--lambda"),
     (("--method", "erm", "--lambda", "1"), "no penalty weight"),
     (("--method", "tap", "--rrr-target", "loss"), "--rrr-target"),

@@ -61,8 +61,8 @@ def compare(model, methods, data=None, clean=None, val=None, feedback=None, test
         entry = get_method(name)
         start = time.perf_counter()
         try:
-            result = repair(model, data, name, clean=clean, val=val, feedback=feedback, seed=seed, progress=progress,
-                            **(options or {}).get(name, {}))
+            result = repair(model, data, name, clean=clean, val=val, feedback=feedback, artifact=artifact, seed=seed,
+                            progress=progress, **(options or {}).get(name, {}))
         except MissingInput as e:
             rows.append(CompareRow(name, "skipped", str(e)))
             continue

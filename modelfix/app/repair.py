@@ -23,7 +23,7 @@ COLLAPSE_FLOOR = 0.10
 
 
 def repair(model: nn.Module, data=None, method: str = "pca-egem", *, clean=None, val=None, feedback=None,
-           seed: int = 0, progress: bool = True, **options) -> RepairResult:
+           artifact=None, seed: int = 0, progress: bool = True, **options) -> RepairResult:
     """Repair a copy of `model` with `method` (see `list_methods()`); `model` itself is never modified.
 
     `data` is the training data (masks travel in it) and, for post-hoc methods, the approved clean pool unless
@@ -37,7 +37,7 @@ def repair(model: nn.Module, data=None, method: str = "pca-egem", *, clean=None,
     if clean is None and "clean" in entry.needs:
         clean = data
     inputs = RepairInputs(model, data, clean, val, Path(feedback) if feedback is not None else None, seed, progress,
-                          batch_size)
+                          batch_size, artifact)
     inputs.check(entry)
     if entry.kind != "finetune":
         check_options(entry, options)
@@ -198,8 +198,9 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
     before = None if job.model_path is None else model
     # a fine-tune's TrainConfig batch size wins; its seed is the job's (RepairInputs.seed)
     options = {"batch_size": job.batch_size, **{k: v for k, v in job.options.items() if k != "seed"}}
-    result = repair(model, data, job.method, clean=clean, val=val, feedback=job.feedback, seed=job.seed,
-                    progress=job.progress, **options)
+    # the counterfactual selection pastes --artifact, else the card's (None: masks, else the clean rule)
+    result = repair(model, data, job.method, clean=clean, val=val, feedback=job.feedback,
+                    artifact=job.artifact or card.artifact, seed=job.seed, progress=job.progress, **options)
     result.timings.setdefault("total_s", time.perf_counter() - start)
 
     document = result_document(job, entry, result, data if clean is None else clean, val)
@@ -257,7 +258,8 @@ def result_document(job: RepairJob, entry, result: RepairResult, data, val) -> d
     if result.kind == "finetune":
         settings = dict(result.settings)
         document.update(schema="modelfix.finetune/v1", config=settings.pop("config"), sweep=result.details["sweep"],
-                        hyperparameters={k: v for k, v in settings.items() if k not in ("lambdas", "select_by")},
+                        hyperparameters={k: v for k, v in settings.items()
+                                         if k not in ("lambdas", "select_by", "slack")},
                         val=resolve.data_info(job.val, val) if val is not None else None)
         if info is not None:
             info.update(masks=str(job.masks) if job.masks else None, with_mask=int(data.has_mask.sum()),

@@ -25,7 +25,7 @@ StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, c
 EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="With --report: test data for the before/after accuracy (clean and poisoned), artifact reliance and heatmaps (a folder, bundle or SCENARIO[:SPLIT]; default: the test split of the model's scenario).", rich_help_panel="Output")]
 
 
-ArtifactOpt = Annotated[Optional[str], typer.Option("--artifact", help="Artifact spec or YAML file for the before/after evaluation on poisoned data (default: the one on the model card).", rich_help_panel="Output")]
+ArtifactOpt = Annotated[Optional[str], typer.Option("--artifact", help="Artifact spec or YAML file: pasted by the counterfactual selection and for the before/after evaluation on poisoned data (default: the one on the model card).", rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output that modelfix did not write.", rich_help_panel="Output")]
 StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 when the repair ends with a warning (a no-op, a missing class, a collapsed class, a grid edge).", rich_help_panel="Output")]
 

@@ -28,6 +28,7 @@ SlackModeOpt = Annotated[str, typer.Option("--slack-mode", help="relative ((1 �
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Where to write the repaired .safetensors.", rich_help_panel="Output")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write results.json, report.md and report.html (before/after metrics, selection trace, heatmaps) into this folder.", rich_help_panel="Output")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", rich_help_panel="Runtime")]
+RuleOpt = Annotated[str, typer.Option("--select", help="counterfactual: the best worst-group accuracy (class × artifact) with the artifact (--artifact, else the card's) pasted on half the validation items, among the settings within the slack; paper: the strongest setting within the slack.", rich_help_panel="Selection")]
 
 
 def _clean_spec(clean_dir: str | None, scenario: str | None) -> str:
@@ -55,13 +56,15 @@ def _print_trace(trace: dict, fold_info: dict | None) -> None:
                             f"{samples.get('val_size')}), original validation accuracy {100 * trace['val_orig']:.2f} %"))
     key = "alpha" if "alpha" in trace else "lambda"
     if trace.get("selection"):
-        table = Table(title=f"selection ({trace['selected_by']}, slack {trace['slack']:g} {trace['slack_mode']})")
-        for col in (key, "val accuracy %", "passes"):
+        rule = trace.get("rule") or f"slack {trace['slack']:g} {trace['slack_mode']}"
+        table = Table(title=f"selection ({rule})")
+        for col in (key, "val accuracy %", "passes", "cf worst group %"):
             table.add_column(col, justify="right")
         for row in trace["selection"]:
             mark = "✓" if row["passed"] else ""
             chosen = " ←" if row[key] == trace[key] else ""
-            table.add_row(f"{row[key]:g}{chosen}", f"{100 * row['val_acc']:.2f}", mark)
+            cf = "–" if row.get("cf_worst") is None else f"{100 * row['cf_worst']:.2f}"
+            table.add_row(f"{row[key]:g}{chosen}", f"{100 * row['val_acc']:.2f}", mark, cf)
         out.print(table)
     if trace.get("layers"):
         table = Table(title=f"layers (α = {trace['alpha']:g}, schedule {trace.get('schedule')})")
@@ -95,6 +98,7 @@ def prune_egem(
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="Use this α (no selection).", rich_help_panel="Selection")] = None,
     slack: SlackOpt = 0.05,
     slack_mode: SlackModeOpt = "relative",
+    select: RuleOpt = "counterfactual",
     layers: Annotated[Optional[str], typer.Option("--layers", help="Refinement points: comma-separated module names or globs (default: per architecture family).", rich_help_panel="Method")] = None,
     samples_per_class: SamplesOpt = 700,
     schedule: Annotated[str, typer.Option("--schedule", help="triangular (strongest at the last layer), inverse-triangular or flat.", rich_help_panel="Method")] = "triangular",
@@ -131,14 +135,14 @@ def prune_egem(
         raise ModelfixError(f"--min-relevance must be in [0, 1], not {min_relevance}")
     options = {"alpha": alpha, "slack": slack, "slack_mode": slack_mode, "schedule": schedule, "layers": layers,
                "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "fold": fold,
-               "min_relevance": min_relevance if approve_mask is not None else None}
+               "min_relevance": min_relevance if approve_mask is not None else None, "select": select}
     if method == "pca-egem":
         options["conv_mode"] = conv_mode
     if method == "egem-full":
         options["explainer"] = explainer
     settings = {"method": method, "layers": layers, "alpha": alpha, "slack": slack, "slack_mode": slack_mode,
                 "schedule": schedule, "conv_mode": conv_mode, "explainer": explainer, "samples_per_class": samples_per_class,
-                "keep_incorrect": keep_incorrect, "seed": seed, "fold": fold}
+                "keep_incorrect": keep_incorrect, "seed": seed, "fold": fold, "select": select}
     job = RepairJob("prune-egem", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     approve_mask=approve_mask, report=report, eval_data=eval_data, artifact=artifact,
                     config=settings, **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))
@@ -160,6 +164,7 @@ def refit(
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Ridge penalty relative to the mean feature second moment (no selection).", rich_help_panel="Selection")] = None,
     slack: SlackOpt = 0.05,
     slack_mode: SlackModeOpt = "relative",
+    select: RuleOpt = "counterfactual",
     samples_per_class: SamplesOpt = 700,
     keep_incorrect: KeepIncorrectOpt = False,
     report: ReportOpt = None,
@@ -183,9 +188,9 @@ def refit(
     if lam is not None and not lam > 0:
         raise ModelfixError(f"--lambda must be positive, got {lam}")
     options = {"lam": lam, "slack": slack, "slack_mode": slack_mode, "samples_per_class": samples_per_class,
-               "keep_incorrect": keep_incorrect}
+               "keep_incorrect": keep_incorrect, "select": select}
     settings = {"method": method, "lambda": lam, "slack": slack, "slack_mode": slack_mode,
-                "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "seed": seed}
+                "samples_per_class": samples_per_class, "keep_incorrect": keep_incorrect, "seed": seed, "select": select}
     job = RepairJob("refit", method, output, model_path, options=options, clean=_clean_spec(clean_dir, scenario),
                     report=report, eval_data=eval_data, artifact=artifact, config=settings,
                     **repair_job_common(seed, device, batch_size, overwrite, data_root, checkpoint))

@@ -25,7 +25,7 @@ from .options import (schedule_options, data_options, ArtifactOpt, DataRootOpt, 
 # ---- options shared by train and finetune ---------------------------------------------------------------------------
 
 MethodOpt = Annotated[str, typer.Option("--method", help="erm, retrain, erm-l2, tap, rrr, rbr, crayon-attention, r4-rand, r4-adv, r4-cert, smooth-rrr, ibp-ex, ibp-ex-rrr or pgd-ex (see `modelfix methods`).", rich_help_panel="Method")]
-LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weight; a comma-separated list runs a sweep chosen on --val (default: the method's).", rich_help_panel="Method")]
+LambdaOpt = Annotated[Optional[str], typer.Option("--lambda", help="Penalty weight; a comma-separated list runs a sweep chosen on --val; auto (the default for methods with a weight, but crayon-attention) calibrates λ₀ = task/penalty on the first batches and sweeps λ₀·{0.1, 1, 10}.", rich_help_panel="Method")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="TAP: comma-separated module names to hook (default: per architecture family).", rich_help_panel="Method")]
 TapNormOpt = Annotated[Optional[str], typer.Option("--tap-norm", help="TAP: squared (default) or l1 (the paper's Eq. 8).", rich_help_panel="Method")]
 TargetOpt = Annotated[Optional[str], typer.Option("--rrr-target", help="RRR: log-prob-sum (Ross/TAP, default), loss (R4) or logit-sum (Heo).", rich_help_panel="Method")]
@@ -40,7 +40,7 @@ RampOpt = Annotated[bool, typer.Option("--ramp", help="ibp-ex/ibp-ex-rrr: Heo's 
 EpsStartOpt = Annotated[Optional[float], typer.Option("--eps-start", help="ibp-ex/ibp-ex-rrr with --ramp: ε of the first epoch (default 0).", rich_help_panel="Method")]
 StepSizeOpt = Annotated[Optional[float], typer.Option("--step-size", help="r4-adv/pgd-ex: PGD step (default ε/4 for r4-adv, ε/steps for pgd-ex).", rich_help_panel="Method")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation data: per-epoch accuracy, --select best, and the choice between several --lambda values.", rich_help_panel="Data")]
-SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values by validation accuracy or loss.", rich_help_panel="Method")]
+SelectByOpt = Annotated[str, typer.Option("--select-by", help="Choose among --lambda values: counterfactual (worst group with the artifact pasted on half of --val, within a 5 % clean-accuracy slack), or the papers' rules accuracy (= paper) or loss.", rich_help_panel="Method")]
 DataOpt = Annotated[str, typer.Option("--data", help="Training data: a folder, a .npz/.safetensors bundle or SCENARIO[:SPLIT].", rich_help_panel="Data")]
 OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (with momentum), adam or adamw (default: the method's, else adam).", rich_help_panel="Training")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: the method's, else 1e-3).", rich_help_panel="Training")]
@@ -86,7 +86,9 @@ def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon
 
 def _options(config, hparams: dict, lambdas: str | None, select_by: str) -> dict:
     """The flat option dict of a fine-tune: TrainConfig fields, the method's hyper-parameters, the λ sweep."""
-    return {**config.to_dict(), **hparams, "lambdas": parse_floats(lambdas, "--lambda"), "select_by": select_by}
+    auto = lambdas is not None and lambdas.strip().lower() == "auto"
+    return {**config.to_dict(), **hparams, "lambdas": "auto" if auto else parse_floats(lambdas, "--lambda"),
+            "select_by": select_by}
 
 
 def _finetune_method(name: str):
@@ -103,14 +105,15 @@ def _print_sweep(doc: dict) -> None:
     sweep = doc["sweep"]
     table = Table(title=f"{doc['command']} --method {doc['method']}: "
                         f"{len(sweep['runs'])} run(s), chosen by {sweep['select_by'] or '– (one run)'}")
-    for col in ("λ", "final loss", "task", "penalty", "val acc %", "val loss", "s"):
+    for col in ("λ", "final loss", "task", "penalty", "val acc %", "cf worst %", "val loss", "s"):
         table.add_column(col, justify="right")
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for run in sweep["runs"]:
-        lam = "–" if run["lambda"] is None else f"{run['lambda']:g}"
+        lam = "–" if run["lambda"] is None else f"{run['lambda']:g}" + (" diverged" if run.get("diverged") else "")
         table.add_row(lam + (" ←" if run["chosen"] else ""), fmt(run["final_loss"], ".4f"), fmt(run["final_task"], ".4f"),
                       fmt(run["final_penalty"], ".4g"),
                       fmt(None if run.get("val_accuracy") is None else 100 * run["val_accuracy"], ".2f"),
+                      fmt(None if run.get("cf_worst_group") is None else 100 * run["cf_worst_group"], ".2f"),
                       fmt(run.get("val_loss"), ".4f"), fmt(run["seconds"], ".1f"))
     out.print(table)
 
@@ -168,7 +171,7 @@ def train(
     step_size: StepSizeOpt = None,
     ramp: RampOpt = False,
     eps_start: EpsStartOpt = None,
-    select_by: SelectByOpt = "accuracy",
+    select_by: SelectByOpt = "counterfactual",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
     epochs: EpochsOpt = 10,
@@ -252,7 +255,7 @@ def finetune(
     step_size: StepSizeOpt = None,
     ramp: RampOpt = False,
     eps_start: EpsStartOpt = None,
-    select_by: SelectByOpt = "accuracy",
+    select_by: SelectByOpt = "counterfactual",
     optimizer: OptimizerOpt = None,
     lr: LrOpt = None,
     epochs: EpochsOpt = 5,

@@ -33,6 +33,8 @@ from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
+from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, score_model,
+                                            select_counterfactual)
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 
@@ -425,6 +427,7 @@ class EgemConfig:
     grid: tuple[float, ...] = ALPHA_GRID
     batch_size: int = 256
     explainer: str = "gi"  # egem-full only: "gi" (gradient×input) | "lrp-eps" (zennit)
+    counterfactual: Dataset | None = None  # given: α by the counterfactual rule (`counterfactual.py`), not by slack
 
 
 def _check_alpha(alpha: float, option: str = "--alpha") -> float:
@@ -508,7 +511,9 @@ def fit_egem(
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
-        accs = []
+        accs, cf_scores = [], []
+        cf = config.counterfactual
+        cf_orig = None if cf is None else score_model(refined, cf, config.batch_size)
         with progress_bar(progress) as bar:
             task = bar.add_task(f"{method} α selection", total=len(grid))
             for alpha in grid:
@@ -517,12 +522,19 @@ def fit_egem(
                 try:  # no patch (every τ ≥ 1) is the original model: no pass needed
                     accs.append(val_orig if not keys else weighted_accuracy(refined, split.val, split.val_counts,
                                                                             config.batch_size))
+                    if cf is not None:
+                        cf_scores.append(cf_orig if not keys else score_model(refined, cf, config.batch_size))
                 finally:
                     for key in keys:
                         remove_patch(refined, key)
                 bar.advance(task)
         index, selection = selection_table("alpha", grid, accs, val_orig, config.slack, config.slack_mode)
-        alpha, val_acc, selected_by = grid[index], accs[index], "slack"
+        if cf is not None:
+            index = select_counterfactual(cf_scores, accs, val_orig, config.slack, config.slack_mode)
+            for row, score in zip(selection, cf_scores):
+                row["cf_worst"] = score
+        alpha, val_acc = grid[index], accs[index]
+        selected_by = "slack" if cf is None else "counterfactual"
         layers = build_refinement(stats, points, alpha, config.schedule, method)
         _attach(refined, layers, alpha, method)
     else:
@@ -538,6 +550,8 @@ def fit_egem(
         "schedule": config.schedule,
         "alpha": alpha,
         "selected_by": selected_by,
+        "rule": (rule_name(config.slack, config.slack_mode) if config.counterfactual is not None and config.alpha is None
+                 else None),
         "slack": float(config.slack),
         "slack_mode": config.slack_mode,
         "val_orig": val_orig,
@@ -557,7 +571,8 @@ def fit_egem(
 PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
          'Networks"')
 DEFAULTS = {"alpha": None, "slack": 0.05, "slack_mode": "relative", "schedule": "triangular", "layers": None,
-            "samples_per_class": 700, "keep_incorrect": False, "min_relevance": None, "fold": None}
+            "samples_per_class": 700, "keep_incorrect": False, "min_relevance": None, "fold": None,
+            "select": "counterfactual"}
 
 
 def run_egem_family(inputs, method: str, **options):
@@ -573,16 +588,27 @@ def run_egem_family(inputs, method: str, **options):
                         conv_mode=options.get("conv_mode", "sum"), batch_size=inputs.batch_size,
                         explainer=options.get("explainer", "gi"))
     check_config(config)  # before the pool is predicted, so a typo costs nothing
+    check_rule(options["select"])
     split = split_for_repair(inputs.model, inputs.clean, options["samples_per_class"], options["keep_incorrect"],
                              options["min_relevance"], inputs.seed, inputs.batch_size)
+    config.counterfactual, rule, warnings = posthoc_counterfactual(inputs, split, options.get("select",
+                                                                                           "counterfactual"))
+    if method == "egem-full" and config.counterfactual is not None:  # its own α loop scores clean accuracy only
+        config.counterfactual = None
+        rule = f"slack {config.slack:g} ({config.slack_mode}); egem-full has no counterfactual rule"
     repaired, trace = fit_egem(inputs.model, split, config, inputs.progress)
+    if rule is not None and config.alpha is None:
+        trace["rule"] = rule
+    trace.setdefault("warnings", []).extend(warnings)
     if patch_entries(repaired) and options["fold"] is not False:
         folded = fold_patches(repaired, strict=bool(options["fold"]))
         trace["fold"] = {"folded": folded.folded, "kept": folded.kept}
     if trace["alpha"] >= 1.0:
         trace.setdefault("warnings", []).append(
-            "α = 1 was selected: the repaired model is the original (no unit was scaled); the slack rule found no "
-            "stronger α within the validation-accuracy slack")
+            "α = 1 was selected: the repaired model is the original (no unit was scaled); " + (
+                "no stronger α within the validation-accuracy slack scored better on the counterfactual validation set"
+                if trace.get("selected_by") == "counterfactual" else
+                "the slack rule found no stronger α within the validation-accuracy slack"))
     return slack_result(repaired, "posthoc", trace, options, "alpha")
 
 

@@ -29,6 +29,8 @@ from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
+from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, select_counterfactual,
+                                            worst_group)
 from modelfix.repair.refinement import RefinementSplit
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
@@ -222,6 +224,7 @@ class RefitConfig:
     slack_mode: str = "relative"
     grid: tuple[float, ...] = LAMBDA_GRID
     batch_size: int = 256
+    counterfactual: Dataset | None = None  # given: λ by the counterfactual rule (`counterfactual.py`), not by slack
 
 
 def _check_lambda(value: float, option: str) -> float:
@@ -300,13 +303,23 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
     selection: list[dict] = []
     if config.lam is None:
         grid = sorted({float(lam) for lam in config.grid})  # weakest (smallest) first
+        cf = config.counterfactual
+        if cf is not None:  # one more feature pass; every λ's predictions there are a product, as on validation
+            cf_features, _ = _capture(refit, cf, config.batch_size, progress, f"{method} features (counterfactual)")
         solutions = []
         for lam in grid:
             weight, bias = solve_moments(moments, lam)
             solutions.append((weight, bias, score(weight, bias)))
-        index, selection = selection_table("lambda", grid, [acc for _, _, acc in solutions], val_orig, config.slack,
-                                           config.slack_mode)
-        lam, selected_by = grid[index], "slack"
+        accs = [acc for _, _, acc in solutions]
+        index, selection = selection_table("lambda", grid, accs, val_orig, config.slack, config.slack_mode)
+        selected_by = "slack"
+        if cf is not None:
+            cf_scores = [worst_group((cf_features @ w.T + b).argmax(1), cf) for w, b, _ in solutions]
+            index = select_counterfactual(cf_scores, accs, val_orig, config.slack, config.slack_mode)
+            for row, value in zip(selection, cf_scores):
+                row["cf_worst"] = value
+            selected_by = "counterfactual"
+        lam = grid[index]
         weight, bias, val_acc = solutions[index]
     else:
         lam, selected_by = float(config.lam), "given"
@@ -329,6 +342,7 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
         "lambda": lam,
         "lambda_abs": lambda_absolute(moments, lam),
         "selected_by": selected_by,
+        "rule": rule_name(config.slack, config.slack_mode) if selected_by == "counterfactual" else None,
         "slack": float(config.slack),
         "slack_mode": config.slack_mode,
         "val_orig": val_orig,
@@ -347,7 +361,8 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
 
 PAPER = ('Linhardt, Müller, Montavon 2023/24, "Preemptively Pruning Clever-Hans Strategies in Deep Neural '
          'Networks"')
-DEFAULTS = {"lam": None, "slack": 0.05, "slack_mode": "relative", "samples_per_class": 700, "keep_incorrect": False}
+DEFAULTS = {"lam": None, "slack": 0.05, "slack_mode": "relative", "samples_per_class": 700, "keep_incorrect": False,
+            "select": "counterfactual"}
 
 
 def run_refit(inputs, method: str, **options):
@@ -359,10 +374,15 @@ def run_refit(inputs, method: str, **options):
     config = RefitConfig(method=method, lam=options["lam"], slack=options["slack"], slack_mode=options["slack_mode"],
                          batch_size=inputs.batch_size)
     check_config(config)
+    check_rule(options["select"])
     last_linear(getattr(inputs.model, "net", inputs.model))  # a model without a linear head fails before any pass
     split = split_for_repair(inputs.model, inputs.clean, options["samples_per_class"], options["keep_incorrect"],
                              seed=inputs.seed, batch_size=inputs.batch_size)
+    config.counterfactual, rule, warnings = posthoc_counterfactual(inputs, split, options["select"])
     repaired, trace = fit_refit(inputs.model, split, config, inputs.progress)
+    if rule is not None and config.lam is None:
+        trace["rule"] = rule
+    trace["warnings"].extend(warnings)
     return slack_result(repaired, "posthoc", trace, options, "lambda")
 
 

@@ -19,8 +19,9 @@ class MissingInput(ModelfixError):
 @dataclass
 class RepairInputs:
     """Everything a method may read. `data` is the training data (with masks where the user gave them), `clean`
-    the pool of approved clean samples (post hoc), `val` validation data, `feedback` a verdicts file. The model is
-    never modified: every method repairs a copy."""
+    the pool of approved clean samples (post hoc), `val` validation data, `feedback` a verdicts file, `artifact` the
+    spurious signal the counterfactual selection pastes (a spec or an `Artifact`; None: cut from the masks of `data`,
+    if any). The model is never modified: every method repairs a copy."""
 
     model: nn.Module
     data: object | None = None
@@ -30,6 +31,7 @@ class RepairInputs:
     seed: int = 0
     progress: bool = True
     batch_size: int = 256
+    artifact: object | None = None
 
     def available(self) -> set[str]:
         have = set()
@@ -54,7 +56,11 @@ class RepairInputs:
 
 @dataclass
 class Selection:
-    """How a hyper-parameter was chosen: the candidates, their scores, which one won and by which rule."""
+    """How a hyper-parameter was chosen: the candidates, their scores, which one won and by which rule.
+
+    `scores` are what the rule ranks by (`score_name`): the counterfactual worst-group accuracy under the
+    counterfactual rule, clean validation accuracy otherwise; `clean_scores` are every candidate's clean validation
+    accuracy (the slack's input) and `cf_scores` its counterfactual worst-group accuracy where one was measured."""
 
     parameter: str  # "alpha", "lambda", "beta", "epochs"
     values: list
@@ -63,6 +69,8 @@ class Selection:
     rule: str
     score_name: str = "validation accuracy"
     passed: list | None = None
+    clean_scores: list | None = None
+    cf_scores: list | None = None
 
     @property
     def value(self):
@@ -73,10 +81,11 @@ class Selection:
         return len(self.values) >= 3 and self.chosen in (0, len(self.values) - 1)
 
     def rows(self) -> list[dict]:
-        """One row per candidate for reports: value, score, passes, chosen."""
-        passed = self.passed or [None] * len(self.values)
-        return [{"value": v, "score": s, "passed": p, "chosen": i == self.chosen}
-                for i, (v, s, p) in enumerate(zip(self.values, self.scores, passed))]
+        """One row per candidate for reports: value, score, passes, chosen (+ clean and counterfactual scores)."""
+        none = [None] * len(self.values)
+        passed, clean, cf = self.passed or none, self.clean_scores or none, self.cf_scores or none
+        return [{"value": v, "score": s, "passed": p, "chosen": i == self.chosen, "clean_score": c, "cf_score": f}
+                for i, (v, s, p, c, f) in enumerate(zip(self.values, self.scores, passed, clean, cf))]
 
 
 @dataclass
@@ -100,13 +109,17 @@ class RepairResult:
 
 
 def slack_result(model: nn.Module, kind: str, trace: dict, settings: dict, parameter: str) -> RepairResult:
-    """A post-hoc method's (model, trace) as a RepairResult: the slack rule's table becomes the Selection."""
+    """A post-hoc method's (model, trace) as a RepairResult: the selection table becomes the Selection (ranked by
+    the counterfactual score where the trace's rows have one, `cf_worst`, else by validation accuracy)."""
     rows = trace.get("selection") or []
     values = [row[parameter] for row in rows]
     chosen = values.index(trace[parameter]) if trace[parameter] in values else -1
-    selection = Selection(parameter, values, [row["val_acc"] for row in rows], chosen,
-                          rule=f"slack {trace['slack']:g} ({trace['slack_mode']})",
-                          passed=[row["passed"] for row in rows]) if rows else None
+    clean = [row["val_acc"] for row in rows]
+    cf = [row["cf_worst"] for row in rows] if rows and "cf_worst" in rows[0] else None
+    rule = trace.get("rule") or f"slack {trace['slack']:g} ({trace['slack_mode']})"
+    selection = Selection(parameter, values, cf or clean, chosen, rule=rule,
+                          score_name="counterfactual worst-group accuracy" if cf else "validation accuracy",
+                          passed=[row["passed"] for row in rows], clean_scores=clean, cf_scores=cf) if rows else None
     details = {k: v for k, v in trace.items() if k not in ("warnings", "timing")}
     return RepairResult(model, trace["method"], kind, settings, details, selection,
                         dict(trace.get("timing", {})), list(trace.get("warnings", [])))

@@ -195,7 +195,7 @@ def test_finetune_two_processes_at_batch_b_equal_one_at_2b(model, small_data, tm
     """96 items, one epoch: one process at batch 64 and two at batch 32 take the same two steps (the second an
     uneven 32-item global batch, 16 per process)."""
     args = ["finetune", model, "--method", method, "--data", small_data, "--epochs", "1", "--optimizer", "sgd",
-            "--lr", "0.01", "--json"]  # SGD: Adam's first step is lr·sign(g), which turns rounding noise in a near-zero
+            "--lr", "0.01", "--lambda", "0.001", "--json"]  # one λ: one run (the default, auto, sweeps three)  # SGD: Adam's first step is lr·sign(g), which turns rounding noise in a near-zero
     # gradient into a full step, so it would compare the sign of noise rather than the gradients
     one = run(*args, "--batch-size", "64", "-o", tmp_path / "one.safetensors")
     assert one.exit_code == 0, one.stderr

@@ -15,6 +15,8 @@ one cut from the masked training items (`cut_artifact`), else none: then the cle
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -107,7 +109,9 @@ def find_artifact(artifact, data: Dataset | None) -> Artifact | None:
 def counterfactual_set(val: Dataset, artifact: Artifact, seed: int = 0) -> Dataset:
     """`val` with `artifact` pasted on half (rounded down) of each class's items, chosen by a seeded permutation;
     label-coloured artifacts get a random colour. Groups: class × pasted (`2·y + pasted`)."""
-    pasted = poison(val, artifact, 1.0, labels="random", seed=seed)
+    # over every class: the artifact's own target class (EGEM's pixels default to 8) does not apply here
+    untargeted = dataclasses.replace(artifact, target=None) if getattr(artifact, "target", None) is not None else artifact
+    pasted = poison(val, untargeted, 1.0, labels="random", seed=seed)
     generator = torch.Generator().manual_seed(int(seed))
     chosen = torch.zeros(len(val), dtype=torch.bool)
     for k in range(val.num_classes):

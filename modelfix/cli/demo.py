@@ -22,7 +22,7 @@ def _table(results: dict) -> Table:
     table = Table(title=f"modelfix demo ({results['settings']['mode']}): {results['settings']['scenario']} on "
                         f"{results['settings']['arch']}, artifact {results['settings']['artifact']}")
     table.add_column("method", no_wrap=True)
-    for name in ("family", "clean %", "poisoned %", "gap (pp)", "worst class poisoned %", "seconds"):
+    for name in ("family", "clean %", "poisoned %", "gap (pp)", "worst class clean %", "worst class poisoned %", "seconds"):
         table.add_column(name, justify="left" if name == "family" else "right")
     shortcut_gap = results["rows"][0]["gap"]
     for row in results["rows"]:
@@ -32,7 +32,8 @@ def _table(results: dict) -> Table:
             share = row["gap"] / shortcut_gap if shortcut_gap > 0 else 0.0
             gap = Text(gap, style="green" if share <= 1 / 3 else "yellow" if share <= 2 / 3 else "red")
         table.add_row(row["name"], row["family"], f"{100 * row['clean']:.1f}", f"{100 * row['poisoned']:.1f}", gap,
-                      f"{100 * row['worst_group_poisoned']:.1f}", f"{row['seconds']:.1f}")
+                      f"{100 * row['worst_group_clean']:.1f}", f"{100 * row['worst_group_poisoned']:.1f}",
+                      f"{row['seconds']:.1f}")
     return table
 
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..app.repair import repair
 from ..card import InputSpec, ModelCard
 from ..data import load_data, load_scenario, masks_from_bundle, parse_artifact
 from ..discover import THRESHOLD, discover, export_clusters
 from ..errors import ModelfixError
 from ..evaluate import evaluate
-from ..repair.finetune import finetune
 from ..training import TrainConfig, train
 from ..zoo import build_model, default_input_spec
 
@@ -88,7 +88,8 @@ def _gap(model, test, artifact, setup: Setup, seed: int) -> dict:
 
 def _rrr(model, data, setup: Setup, epochs: int, seed: int, progress: bool):
     config = TrainConfig(epochs=epochs, seed=seed, **RRR_TRAIN)
-    return finetune(model, data, "rrr", config, lambdas=[setup.rrr_lam], progress=progress).model.eval()
+    options = {k: v for k, v in config.to_dict().items() if k != "seed"}
+    return repair(model, data, "rrr", seed=config.seed, progress=progress, lam=setup.rrr_lam, **options).model.eval()
 
 
 def _cluster_metrics(entry, cluster, data, exported_mask) -> dict:

@@ -39,16 +39,16 @@ from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
+from ..app.repair import repair
 from ..card import InputSpec, ModelCard
 from ..data import load_scenario
 from ..errors import ModelfixError
 from ..evaluate import metrics, predict
 from ..fragility import fragility
-from ..repair.methods import make_objective
-from ..training import TrainConfig, train
 from ..zoo import build_model, default_input_spec
 
 ARCH = "mlp"
@@ -104,12 +104,13 @@ def _subset(data, size: int | None):
 
 
 def _fit(card, method, hparams, config, seed, data, loss, progress, description):
+    """One run of `method` from a seeded random init, through the application layer's `repair()` (one λ: one run;
+    the training loop reseeds itself, so this is `train --method`); returns (model, its run record)."""
     torch.manual_seed(seed)
     model = build_model(card)
-    objective = make_objective(method, model, loss=loss, **hparams)
-    fit = train(model, data, TrainConfig(**config, seed=seed, loss=loss), objective, progress=progress,
-                description=description)
-    return model, fit
+    result = repair(model, data, method, seed=seed, progress=progress, loss=loss, **config, **hparams)
+    run = result.details["sweep"]["runs"][0]
+    return result.model, SimpleNamespace(seconds=run["seconds"], history=run["epochs"])
 
 
 def select_lambda(card, case: str, grid, config: dict, loss: str, train_data, val, progress: bool = True) -> dict:

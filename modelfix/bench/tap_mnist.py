@@ -39,11 +39,11 @@ import time
 
 import torch
 
+from ..app.repair import repair
 from ..card import ModelCard
 from ..data import SCENARIOS, Dataset, load_mnist, load_scenario
 from ..errors import ModelfixError, TrainingFailed
 from ..repair.annotate import annotate
-from ..repair.methods import make_objective
 from ..training import TrainConfig, accuracy, train
 from ..zoo import build_model, default_input_spec
 
@@ -183,13 +183,16 @@ def run(scenario: str = "decoy-mnist", data_root=None, epochs: int = 5, train_si
             row = {"case": case, "seed": seed}
             tick = time.perf_counter()
             try:
-                fit = train(model, data, _config(epochs, batch_size, lr, seed), make_objective(method, model, **hparams),
-                            progress=progress, description=f"seed {seed} {case}")
+                config = _config(epochs, batch_size, lr, seed).to_dict()
+                config.pop("seed")
+                result = repair(model, data, method, seed=seed, progress=progress, **config, **hparams)
+                model = result.model
             except TrainingFailed as exc:  # TAP's "DNC": a NaN loss ends the run
                 row["failed"] = str(exc)
             else:
                 row.update({name: accuracy(model, test) for name, test in tests.items()})
-                row["final_penalty"] = fit.history[-1].get("penalty")  # mean penalty over the last epoch
+                # mean penalty over the last epoch
+                row["final_penalty"] = result.details["sweep"]["runs"][0]["epochs"][-1].get("penalty")
             row["train_seconds"] = time.perf_counter() - tick
             runs.append(row)
 

@@ -51,21 +51,24 @@ seed). The preprint reports one DecoyMNIST number per method, accuracy, which is
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
+import tempfile
 import time
+
+from pathlib import Path
 
 import torch
 
+from ..app.repair import repair
 from ..card import ModelCard
 from ..data import SCENARIOS, Dataset, load_scenario
 from ..errors import ModelfixError
 from ..evaluate import metrics, predict
-from ..feedback import corner_region, default_feedback_layer, simulate_neurons, simulate_samples, top_activations
-from ..repair.crayon import prune_crayon, random_channels
+from ..feedback import (NeuronFeedback, corner_region, default_feedback_layer, sample_ids, simulate_neurons,
+                        simulate_samples, top_activations, write_neuron_feedback, write_sample_feedback)
+from ..repair.crayon import random_channels
 from ..repair.guidance.crayon_attention import frozen_maps
-from ..repair.methods import make_objective
 from ..training import TrainConfig, train
 from ..zoo import ARCHITECTURES, build_model, default_input_spec
 
@@ -179,7 +182,7 @@ def _scores(model, tests: dict) -> dict:
 
 
 def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, attention_epochs, beta, rrr_lam,
-              progress, lr_schedule="none"):
+              progress, lr_schedule="none", scratch="."):
     """Part A for one seed: rows for the requested methods (the original is trained whenever part A runs). A list of
     β or λ is chosen on `val` (module docstring)."""
     rows = []
@@ -195,7 +198,7 @@ def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, atte
         tick = time.perf_counter()
         row = {"method": method, "seed": seed, "fb": 0}
         if method == "train-more":
-            candidates = [(None, lambda model: None)]
+            candidates = [(None, "erm", {})]
         elif method == "crayon-attention":
             maps = frozen_maps(original, train_data, batch_size=BATCH)  # the original's input-gradient maps (§6.4)
             fb, fb_settings = simulate_samples(maps, corner_region(train_data, CORNER), no_above=NO_ABOVE)
@@ -203,19 +206,21 @@ def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, atte
             row["feedback"] = {v: verdicts.count(v) for v in ("yes", "no", "maybe")}
             row["feedback_settings"] = {k: v for k, v in fb_settings.items() if k not in ("yes", "no", "maybe")}
             row["fb"] = len(verdicts)
-            candidates = [(b, lambda model, b=b: make_objective("crayon-attention", model, data=train_data,
-                                                                verdicts=verdicts, alpha=ALPHA, beta=b))
+            samples = Path(scratch) / f"samples-{seed}.csv"  # the verdicts go through a samples.csv, as a person's
+            write_sample_feedback(samples, fb, ids=sample_ids(train_data))
+            candidates = [(b, "crayon-attention", {"feedback": samples, "alpha": ALPHA, "beta": b})
                           for b in sorted(_as_list(beta))]
         else:
             row["fb"] = int(train_data.has_mask.sum())  # one mask per annotated image
-            candidates = [(lam, lambda model, lam=lam: make_objective("rrr", model, lam=lam))
-                          for lam in sorted(_as_list(rrr_lam))]
+            candidates = [(lam, "rrr", {"lam": lam}) for lam in sorted(_as_list(rrr_lam))]
         best, selection = None, []
-        for value, build in candidates:
-            model = copy.deepcopy(original)
-            result = train(model, train_data, _config(attention_epochs, seed, lr_schedule), build(model),
-                           progress=progress, description=f"seed {seed} {method}" + (f" {value:g}" if value else ""))
-            entry = {"value": value, "val_accuracy": None, "model": model, "result": result}
+        config = _config(attention_epochs, seed, lr_schedule).to_dict()
+        config.pop("seed")
+        for value, name, options in candidates:
+            result = repair(original, train_data, name, seed=seed, progress=progress, **config, **options)
+            model = result.model
+            entry = {"value": value, "val_accuracy": None, "model": model,
+                     "history": result.details["sweep"]["runs"][0]["epochs"]}
             if len(candidates) > 1:
                 entry["val_accuracy"] = metrics(predict(model, val.x), val)["accuracy"]
                 selection.append({"value": value, "val_accuracy": entry["val_accuracy"]})
@@ -225,14 +230,14 @@ def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, atte
             row["selection"] = {"candidates": selection, "chosen": best["value"], "selected_on": val.name}
         if best["value"] is not None:
             row["chosen"] = best["value"]
-        row["final_loss"] = best["result"].history[-1] if best["result"].history else {}
+        row["final_loss"] = best["history"][-1] if best["history"] else {}
         row["seconds"] = time.perf_counter() - tick
         row.update(_scores(best["model"], tests))
         rows.append(row)
     return [r for r in rows if r["method"] in methods]
 
 
-def _cnn_runs(subset, tests, card, seed, methods, prune_epochs, prune_fc_epochs, prune_fc_lr, progress):
+def _cnn_runs(subset, tests, card, seed, methods, prune_epochs, prune_fc_epochs, prune_fc_lr, progress, scratch):
     """Part B for one seed: the original CNN, simulated neuron feedback, CRAYON-PRUNING and Random Pruning."""
     rows = []
     tick = time.perf_counter()
@@ -253,8 +258,12 @@ def _cnn_runs(subset, tests, card, seed, methods, prune_epochs, prune_fc_epochs,
         if method not in methods:
             continue
         tick = time.perf_counter()
-        pruned, trace = prune_crayon(cnn, subset, prune[method], layer=layer, epochs=prune_fc_epochs, lr=prune_fc_lr,
-                                     weight_decay=WEIGHT_DECAY, seed=seed, progress=progress)
+        neurons = Path(scratch) / f"neurons-{seed}-{method}.csv"  # the verdicts through a neurons.csv, as a person's
+        write_neuron_feedback(neurons, NeuronFeedback(layer=layer, verdicts={j: "no" for j in prune[method]},
+                                                      num_channels=n_channels))
+        result = repair(cnn, subset, "crayon-pruning", feedback=neurons, seed=seed, progress=progress, batch_size=128,
+                        layer=layer, epochs=prune_fc_epochs, lr=prune_fc_lr, weight_decay=WEIGHT_DECAY)
+        pruned, trace = result.model, {**result.details, "warnings": result.warnings}
         row = {"method": method, "seed": seed, "layer": layer, "n_channels": n_channels,
                "n_pruned": trace["n_pruned"], "pruned": trace["pruned"], "warnings": trace["warnings"],
                "train_accuracy_pruned": trace.get("accuracy_pruned"),
@@ -323,13 +332,14 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
     cnn_card = _card(prune_arch, full, scenario) if part_b else None
 
     runs = []
-    for seed in range(seeds):
-        if part_a:
-            runs += _mlp_runs(mlp_data, tests, val, mlp_card, seed, part_a, original_epochs, attention_epochs, beta,
-                              rrr_lam, progress, lr_schedule)
-        if part_b:
-            runs += _cnn_runs(cnn_data, tests, cnn_card, seed, part_b, prune_epochs, prune_fc_epochs, prune_fc_lr,
-                              progress)
+    with tempfile.TemporaryDirectory(prefix="modelfix-crayon-bench-") as scratch:  # the simulated feedback files
+        for seed in range(seeds):
+            if part_a:
+                runs += _mlp_runs(mlp_data, tests, val, mlp_card, seed, part_a, original_epochs, attention_epochs,
+                                  beta, rrr_lam, progress, lr_schedule, scratch)
+            if part_b:
+                runs += _cnn_runs(cnn_data, tests, cnn_card, seed, part_b, prune_epochs, prune_fc_epochs,
+                                  prune_fc_lr, progress, scratch)
 
     summary = {m: _summary(m, [r for r in runs if r["method"] == m], MLP if m in MLP_METHODS else prune_arch)
                for m in methods}

@@ -6,6 +6,7 @@ Every reader turns bad input into a `DataError` that names the file, folder, cla
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from .. import distributed, safe_json
-from ..atomic import share_mode
+from ..atomic import share_mode, write_bytes_atomic
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
 from .decode import READ_ERRORS, open_image, scan
@@ -540,26 +541,18 @@ def save_bundle(dataset: Dataset, path) -> Path:
               "has_mask": dataset.has_mask.numpy(), "group": dataset.group.numpy()}
     if isinstance(dataset.info.get("poisoned"), torch.Tensor):
         arrays["poisoned"] = dataset.info["poisoned"].numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == ".npz":
-                np.savez_compressed(f, **arrays, class_names=np.array(dataset.class_names, dtype=str),
-                                    group_names=np.array(dataset.group_names, dtype=str),
-                                    name=np.array(dataset.name, dtype=str))
-            else:
-                from safetensors.numpy import save
+    if suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays, class_names=np.array(dataset.class_names, dtype=str),
+                            group_names=np.array(dataset.group_names, dtype=str), name=np.array(dataset.name, dtype=str))
+        payload = buffer.getvalue()
+    else:
+        from safetensors.numpy import save
 
-                meta = {"class_names": json.dumps(list(dataset.class_names)),
-                        "group_names": json.dumps(list(dataset.group_names)), "name": dataset.name}
-                arrays["has_mask"] = arrays["has_mask"].astype(np.uint8)
-                if "poisoned" in arrays:
-                    arrays["poisoned"] = arrays["poisoned"].astype(np.uint8)
-                f.write(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta))
-        share_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        meta = {"class_names": json.dumps(list(dataset.class_names)),
+                "group_names": json.dumps(list(dataset.group_names)), "name": dataset.name}
+        arrays["has_mask"] = arrays["has_mask"].astype(np.uint8)
+        if "poisoned" in arrays:
+            arrays["poisoned"] = arrays["poisoned"].astype(np.uint8)
+        payload = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+    return write_bytes_atomic(path, payload)

@@ -6,10 +6,14 @@ it without importing the report layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def json_safe(obj):
@@ -50,3 +54,39 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """`text` as UTF-8, written atomically (write_bytes_atomic)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary sibling of `target` to fill; when the block ends normally it replaces `target` (an old
+    `target` is moved aside first and removed after); on any error (KeyboardInterrupt and SIGTERM included) it is
+    removed and `target` is left as it was, so a reader never sees a half-written folder. Under torchrun a process
+    other than rank 0 fills a throwaway folder (one writer per output)."""
+    from . import distributed  # on use: importing this module must not import torch
+
+    distributed.check_peers()
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
+            yield Path(throwaway)
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    staging = target.with_name(f".{target.name}.tmp-{token}")
+    staging.mkdir()
+    try:
+        share_mode(staging)
+        yield staging
+        aside = target.with_name(f".{target.name}.old-{token}")
+        if target.exists():
+            os.replace(target, aside)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if aside.exists():
+                os.replace(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -21,12 +21,11 @@ import fcntl
 import json
 import os
 import secrets
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from modelfix.atomic import staged_folder
 from modelfix.errors import ModelfixError
 
 NAME_MAX = 255
@@ -165,40 +164,6 @@ def _share(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
-
-
-@contextlib.contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of `target` to fill; when the block ends normally it replaces `target` (an old
-    `target` is moved aside first and removed after); on any error (KeyboardInterrupt and SIGTERM included) it is
-    removed and `target` is left as it was. Under torchrun a process other than rank 0 fills a throwaway folder."""
-    from modelfix import distributed  # imported on use: the CLI imports this module before any torch is needed
-
-    distributed.check_peers()
-    if not distributed.is_main():
-        with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
-            yield Path(throwaway)
-        return
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    staging = target.with_name(f".{target.name}.tmp-{token}")
-    staging.mkdir()
-    try:
-        yield staging
-        aside = target.with_name(f".{target.name}.old-{token}")
-        if target.exists():
-            os.replace(target, aside)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            if aside.exists():
-                os.replace(aside, target)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def commit(plan: OutputPlan, write_model: Callable[[Path, Path], None] | None = None,

@@ -8,21 +8,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import shutil
-import tempfile
 import zipfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .. import distributed, safe_json
-from ..atomic import share_mode, write_bytes_atomic
+from .. import safe_json
+from ..atomic import staged_folder, write_bytes_atomic
 from ..errors import DataError
 from .dataset import PER_ITEM_INFO, Dataset
 from .decode import READ_ERRORS, open_image, scan
@@ -328,29 +323,6 @@ def safe_class_dir(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise DataError(f"class name '{name}' cannot be a folder name", hint="rename the class")
     return name
-
-
-@contextmanager
-def staged_folder(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling folder to fill; renamed to `out_dir` (an absent or empty folder) when the block ends
-    normally, removed on any error, so a reader never sees a half-written folder. Under torchrun a process other
-    than rank 0 fills a throwaway folder (one writer per output)."""
-    distributed.check_peers()
-    if not distributed.is_main():
-        with tempfile.TemporaryDirectory(prefix="modelfix-rank-") as throwaway:
-            yield Path(throwaway)
-        return
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        share_mode(staging)
-        yield staging
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_folder(dataset: Dataset, out_dir, fmt: str = "png") -> Path:

@@ -234,3 +234,29 @@ def test_cli_select_and_lambda_auto(shortcut, tmp_path):
     sweep = json.loads(result.stdout)["sweep"]
     assert sweep["select_by"] == "counterfactual" and len(sweep["runs"]) == 3
     assert sweep["lambdas"][1] == pytest.approx(sweep["calibration"]["lambda0"])
+
+
+def test_rrr_without_any_option_closes_most_of_the_decoy_gap(shortcut, tmp_path):
+    """The issue's check: `finetune MODEL --method rrr` with no --lambda and no --val on the decoy-digits shortcut.
+    The held-out slice carries the true-colour patch on every item, so λ is chosen by the accuracy with the patch
+    pasted in a random colour; the contaminated − permuted gap, measured by `evaluate` on the test digits, must close
+    by more than half."""
+    import json
+
+    from cli_helpers import run
+
+    def gap(path) -> float:
+        result = run("evaluate", path, "--data", "decoy-digits:test", "--poison", "1", "--labels", "correlated,random",
+                     "--json")
+        assert result.exit_code == 0, result.stderr
+        contaminated, permuted = json.loads(result.stdout)["levels"]
+        return contaminated["accuracy"] - permuted["accuracy"]
+
+    out = tmp_path / "rrr.safetensors"
+    result = run("finetune", shortcut, "--method", "rrr", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert len(doc["sweep"]["runs"]) == 3 and doc["sweep"]["carried"]
+    assert doc["selection"]["parameter"] == "λ"
+    before, after = gap(shortcut), gap(out)
+    assert before > 0.2 and after < 0.5 * before, (before, after)

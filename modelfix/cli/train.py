@@ -228,7 +228,7 @@ def train(
     _run(job, json_output, strict, train_accuracy=True)
 
 
-@app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val --lambda 1,10,100 -o runs/rrr.safetensors")
+@app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val -o runs/rrr.safetensors")
 @handles_errors
 @checkpoint_options
 @data_options

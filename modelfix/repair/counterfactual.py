@@ -137,6 +137,16 @@ def score_model(model: nn.Module, cf: Dataset, batch_size: int = 256) -> float:
     return worst_group(predict(model, cf.x, batch_size), cf)
 
 
+def pasted_accuracy(model: nn.Module, cf: Dataset, batch_size: int = 256) -> float:
+    """Accuracy on the counterfactual set's items that carry the pasted artifact (random colour for label-coloured
+    kinds): the score left when the validation items all carry the artifact already, so no clean accuracy exists."""
+    pasted = cf.info["poisoned"]
+    if not bool(pasted.any()):
+        return float("nan")
+    pred = predict(model, cf.x[pasted], batch_size)
+    return float((pred == cf.y[pasted]).double().mean())
+
+
 def select_counterfactual(cf_scores: Sequence[float], clean_scores: Sequence[float], reference: float, slack: float,
                           mode: str = "relative") -> int:
     """Index of the best counterfactual score among the candidates whose clean score passes the slack against

@@ -21,8 +21,8 @@ from ..data import Dataset
 from ..errors import ModelfixError, TrainingFailed
 from ..training import TaskObjective, TrainConfig, accuracy, task_loss, train
 from ..progress import log_event
-from .counterfactual import (NO_ARTIFACT, NO_ARTIFACT_WARNING, counterfactual_set, find_artifact, holdout, rule_name,
-                             score_model, select_counterfactual)
+from .counterfactual import (NO_ARTIFACT, NO_ARTIFACT_WARNING, counterfactual_set, find_artifact, holdout,
+                             pasted_accuracy, rule_name, score_model, select_counterfactual)
 from .registry import Method, check_options, get_method, make_objective, register, register_runner
 
 SELECT_BY = ("counterfactual", "accuracy", "loss", "paper")  # paper = accuracy, the papers' rule
@@ -44,11 +44,13 @@ class SweepResult:
     slack: float | None = None  # the counterfactual rule's clean-accuracy slack and its reference accuracy
     reference: float | None = None
     calibration: dict | None = None  # λ auto: λ₀, the task and penalty it came from
+    carried: bool = False  # the validation items carry the artifact: chosen by accuracy with it pasted at random
 
     def to_dict(self) -> dict:
         return {"method": self.method, "lambdas": self.lambdas, "chosen": self.chosen,
                 "chosen_lambda": self.lambdas[self.chosen], "select_by": self.select_by, "runs": self.runs,
-                "slack": self.slack, "reference": self.reference, "calibration": self.calibration}
+                "slack": self.slack, "reference": self.reference, "calibration": self.calibration,
+                "carried": self.carried}
 
 
 @torch.no_grad()
@@ -206,6 +208,7 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
             run["val_accuracy"] = accuracy(candidate, val)
         if counterfactual is not None:
             run["cf_worst_group"] = score_model(candidate, counterfactual)
+            run["cf_pasted_accuracy"] = pasted_accuracy(candidate, counterfactual)
         runs.append(run)
         models.append(candidate)
     alive = [i for i, m in enumerate(models) if m is not None]
@@ -213,8 +216,14 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
         raise TrainingFailed(f"every λ of the sweep diverged ({', '.join(f'{v:g}' for v in values)})",
                              hint="lower --lr or the λ values")
     chosen, reference = alive[0], None
+    carried = val is not None and float(val.has_mask.float().mean()) > 0.5
     if val is not None and len(alive) > 1:
-        if select_by == "counterfactual":
+        if select_by == "counterfactual" and carried:
+            # every validation item carries the artifact already (a slice of shortcut training data): their accuracy
+            # rewards the shortcut and there is no clean accuracy to hold a slack against, so the best accuracy with
+            # the artifact pasted at random wins (ties: the better worst group, then the weaker λ)
+            chosen = max(alive, key=lambda i: (runs[i]["cf_pasted_accuracy"], runs[i]["cf_worst_group"], -i))
+        elif select_by == "counterfactual":
             # the slack's reference is the best run's clean accuracy: the starting model may read the shortcut on
             # the validation data (a slice of shortcut training data), so its accuracy there is no reference
             reference = max(runs[i]["val_accuracy"] for i in alive)
@@ -231,11 +240,13 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
     return SweepResult(model=models[chosen], method=method, lambdas=[r["lambda"] for r in runs], chosen=chosen,
                        select_by=select_by if val is not None else None, runs=runs,
                        slack=slack if select_by == "counterfactual" and reference is not None else None,
+                       carried=carried,
                        reference=reference)
 
 
 # ---- the registry's entries: plain ERM, and the runner every fine-tune shares ----------------------------------
 
+CARRIED_RULE = "counterfactual: accuracy with the artifact pasted at random (every validation item carries it)"
 SWEEP_OPTIONS = {"lambdas": None, "select_by": "counterfactual", "slack": 0.05}
 register(Method("erm", "finetune", "plain fine-tune on the task loss", "empirical risk minimisation (baseline)", {},
                 build=lambda model, loss="ce": TaskObjective(loss)))
@@ -279,8 +290,9 @@ def run_finetune(entry: Method, inputs, **options):
             counterfactual = counterfactual_set(val, artifact, inputs.seed)
             if several and float(val.has_mask.float().mean()) > 0.5:
                 warnings.append(f"{int(val.has_mask.sum())} of the {len(val)} validation items carry a mask (the "
-                                "artifact is already on them): neither their clean accuracy nor the counterfactual "
-                                "score can show the shortcut well; pass a --val of clean items")
+                                "artifact is already on them): there is no clean accuracy to hold a slack against, so "
+                                "λ is chosen by the accuracy with the artifact pasted at random; a --val of clean "
+                                "items is better")
         else:
             select_by = "accuracy"
             if artifact is None and several:
@@ -303,11 +315,14 @@ def run_finetune(entry: Method, inputs, **options):
     if len(runs) > 1:
         cf = [r.get("cf_worst_group") for r in runs] if counterfactual is not None else None
         clean = [r.get("val_accuracy") for r in runs]
+        if result.carried and cf is not None:  # no clean validation items: accuracy with the artifact pasted
+            cf, rule = [r.get("cf_pasted_accuracy") for r in runs], CARRIED_RULE
         if rule is None:
             rule = (rule_name(sweep["slack"]) + " of the best run" if cf is not None
                     else f"best validation {result.select_by}")
         selection = Selection("lambda", [r["lambda"] for r in runs], cf or clean, result.chosen, rule=rule,
-                              score_name="counterfactual worst-group accuracy" if cf else "validation accuracy",
+                              score_name=("accuracy with the artifact pasted" if result.carried else
+                                          "counterfactual worst-group accuracy") if cf else "validation accuracy",
                               clean_scores=clean, cf_scores=cf)
     diverged = [r["lambda"] for r in runs if r.get("diverged")]
     if diverged:

@@ -259,11 +259,3 @@ def write_repair_report(out_dir: Path, doc: dict, render=render_repair_markdown)
     markdown = render(doc) + "\n" + "\n".join(accuracy_table(doc))
     return _write_reports(Path(out_dir), doc, markdown)
 
-
-def md_escape(text) -> str:
-    """User text safe inside Markdown (and the HTML a Markdown renderer makes of it): HTML special characters as
-    entities, Markdown punctuation backslash-escaped, so a class name can neither inject markup nor a link."""
-    import html
-    import re
-
-    return re.sub(r"([\\`*_{}\[\]()#+!|~>-])", r"\\\1", html.escape(str(text), quote=True))

@@ -97,6 +97,7 @@ class RepairJob:
     reading: dict = field(default_factory=dict)  # how images are read (resize, workers, …): resolve.load_dataset
     config: dict = field(default_factory=dict)  # the method's resolved settings, for the card
     invocation: dict | None = None  # the command and every option as resolved, for the card and `modelfix rerun`
+    train_accuracy: bool = False  # also report the repaired model's accuracy on the training data (`train`)
 
     def input_paths(self) -> list:
         return [self.model_path, self.data, self.masks, self.clean, self.approve_mask, self.val, self.feedback,
@@ -152,14 +153,12 @@ def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[st
 
 
 def _inputs(job: RepairJob, entry, card):
+    """The datasets the method needs (a missing one is left None: `repair()` names it, `MissingInput`)."""
     data = clean = val = None
-    if "data" in entry.needs or job.data is not None and entry.kind == "finetune":
+    if "data" in entry.needs:
         data = resolve.load_dataset(job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card,
                                     reading=job.reading)
-    if "clean" in entry.needs:
-        if job.clean is None:
-            raise ModelfixError("give exactly one of --clean-dir DIR and --scenario NAME",
-                                hint="e.g. --clean-dir data/clean or --scenario egem-mnist")
+    if "clean" in entry.needs and job.clean is not None:
         clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card, reading=job.reading)
     if job.val:
         val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card, reading=job.reading)
@@ -224,6 +223,10 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
     result.warnings.extend(collapse)
     document.update(assessment, verdict=line, warnings=list(result.warnings))
     result.model.cpu()
+    if job.train_accuracy and data is not None:  # on the data already loaded, not read again
+        from modelfix.training import accuracy
+
+        document["train_accuracy"] = accuracy(result.model, data)
 
     def write_model(tmp: Path, tmp_side: Path) -> None:
         write_checkpoint(result.model, new_card, tmp, tmp_side)

@@ -175,6 +175,17 @@ def fail(message: str, code: int, json_output: bool) -> None:
     raise typer.Exit(code)
 
 
+def finish_repair(document: dict, output, report, json_output: bool, strict: bool, describe: Callable[[], None]) -> None:
+    """Every repair command's ending: the JSON document (heatmaps left out), or `describe()`'s tables and where the
+    files went; then the verdict and the warnings."""
+    if json_output:
+        print(json.dumps({k: v for k, v in document.items() if k != "heatmaps"}))
+    else:
+        describe()
+        say(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
+    render_outcome(document, strict)
+
+
 def render_outcome(document: dict, strict: bool = False) -> None:
     """After every repair: the verdict line (or why there is none) and each warning on stderr; with `strict`, a
     warning makes the exit code 1 (the outputs are written, so they can be inspected)."""

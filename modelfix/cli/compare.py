@@ -74,8 +74,9 @@ def compare(
                               "artifact": str(art) if art else None,
                               "rows": [{**row.__dict__, "gap": row.gap} for row in rows]})
         write_text_atomic(staging / "results.json", json.dumps(document, indent=2) + "\n")
-        write_text_atomic(staging / "report.md", _markdown(document))
-        write_text_atomic(staging / "report.html", _html(document))
+        markdown = _markdown(document)
+        write_text_atomic(staging / "report.md", markdown)
+        write_text_atomic(staging / "report.html", _html(document, markdown))
     if json_output:
         print(json.dumps(document))
         return
@@ -110,25 +111,18 @@ def _print(document: dict) -> None:
 
 
 def _markdown(document: dict) -> str:
-    from ..report import md_escape
+    from ..markup import escape_md, md_code
 
-    lines = [f"# Comparison of repairs of `{md_escape(document['model'])}`", "",
-             f"Evaluated on {md_escape(document['eval_data'])}, artifact {md_escape(str(document['artifact']))}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(md_escape(cell) for cell in _cells(row)) + " |" for row in document["rows"]]
+    aligns = "|" + "".join("---|" if col in ("method", "status", "note") else "---:|" for col in COLUMNS)
+    lines = [f"# Comparison of repairs of {md_code(document['model'])}", "",
+             f"Evaluated on {md_code(document['eval_data'])}, artifact {md_code(document['artifact'])}. The gap is "
+             "clean minus poisoned accuracy: a repair that removed the shortcut closes it.", "",
+             "| " + " | ".join(COLUMNS) + " |", aligns]
+    lines += ["| " + " | ".join(escape_md(cell) for cell in _cells(row)) + " |" for row in document["rows"]]
     return "\n".join(lines) + "\n"
 
 
-def _html(document: dict) -> str:
-    from html import escape
+def _html(document: dict, markdown: str) -> str:
+    from ..report_html import render_html
 
-    head = "".join(f"<th>{escape(col)}</th>" for col in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in _cells(row)) + "</tr>"
-                   for row in document["rows"])
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>modelfix compare</title>"
-            "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
-            f"<h1>Comparison of repairs of {escape(document['model'])}</h1>"
-            f"<p>Evaluated on {escape(document['eval_data'])}; artifact {escape(str(document['artifact']))}. "
-            "The gap is clean minus poisoned accuracy: a repair that removed the shortcut closes it.</p>"
-            f"<table><tr>{head}</tr>{body}</table></body></html>\n")
+    return render_html(document, markdown)  # the same templated, escaped page as every other report

@@ -18,6 +18,7 @@ import typer
 
 from ..errors import ModelfixError
 from .base import app, handles_errors, say
+from .options import extended_signature
 
 MAX_BYTES = 1 << 20  # a config is a few lines; refuse anything that is clearly not one
 state: dict = {"invocation": None}
@@ -97,13 +98,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch thre
 def with_config(command: Callable, name: str) -> Callable:
     """`command` with `--config` and `--threads`: the runtime is configured (allocator policy, threads;
     `modelfix.runtime`) and the resolved options are recorded (the card's `invocation`) before it runs."""
-    signature = inspect.signature(command, eval_str=True)
-    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
-            for p in signature.parameters.values()]
-    own_threads = "threads" in signature.parameters  # a benchmark that sets its threads itself keeps its option
-    added = [] if own_threads else [inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                                      annotation=ThreadsOpt)]
-    added.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigOpt))
+    own_threads = "threads" in inspect.signature(command).parameters  # a benchmark that sets its threads keeps its own
+    added = ([] if own_threads else [("threads", ThreadsOpt, None)]) + [("config", ConfigOpt, None)]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -120,7 +116,7 @@ def with_config(command: Callable, name: str) -> Callable:
                                                            for k, v in kwargs.items()}}
         return command(*args, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    wrapper.__signature__ = extended_signature(command, added)
     return wrapper
 
 

@@ -14,7 +14,7 @@ import typer
 from ..app.outputs import OutputPlan
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
-from .base import app, handles_errors, out, render_outcome, say
+from .base import app, finish_repair, handles_errors, out, say
 from .config import recorded_invocation
 from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt,
                      StrictOpt, checkpoint_options, repair_job_common)
@@ -219,13 +219,8 @@ def prune_crayon(
     result, document = repair_files(job)
     trace = document["trace"]
     document["config"]["layer"] = trace["layer"]
-    if json_output:
-        print(json.dumps({k: v for k, v in document.items() if k != "heatmaps"}))
-    else:
-        summary = f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {trace['layer']}"
-        if "accuracy_before" in trace:  # absent when nothing was pruned (the model is written unchanged)
-            summary += (f" ({'random' if random else 'the no verdicts'}); training accuracy "
-                        f"{100 * trace['accuracy_before']:.2f} % → {100 * trace['accuracy_after']:.2f} %")
-        say(summary)
-        say(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
-    render_outcome(document, strict)
+    summary = f"pruned {trace['n_pruned']} of {trace['n_channels']} channels of {trace['layer']}"
+    if "accuracy_before" in trace:  # absent when nothing was pruned (the model is written unchanged)
+        summary += (f" ({'random' if random else 'the no verdicts'}); training accuracy "
+                    f"{100 * trace['accuracy_before']:.2f} % → {100 * trace['accuracy_after']:.2f} %")
+    finish_repair(document, output, report, json_output, strict, lambda: say(summary))

@@ -74,19 +74,24 @@ def data_options(command: Callable) -> Callable:
 def option_group(command: Callable, keyword: str, options: tuple, pack: Callable[[dict], dict]) -> Callable:
     """`command` with the `options` ((name, annotated type, default), …) added to its signature; their values reach
     it packed into one keyword argument `keyword`."""
-    signature = inspect.signature(command, eval_str=True)
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in options]
-    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
-            for p in signature.parameters.values() if p.name != keyword]
-
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         values = {name: kwargs.pop(name) for name, _, _ in options}
         return command(*args, **{keyword: pack(values)}, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=kept + added)
+    wrapper.__signature__ = extended_signature(command, options, drop=keyword)
     return wrapper
+
+
+def extended_signature(command: Callable, options, drop: str | None = None) -> inspect.Signature:
+    """`command`'s signature (annotations evaluated, as Typer reads them) without `drop` and with `options`
+    ((name, annotated type, default), …) added as keyword-only parameters: what Typer turns into options."""
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+            for p in signature.parameters.values() if p.name != drop]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in options]
+    return signature.replace(parameters=kept + added)
 
 
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="Learning-rate schedule, stepped per epoch: none, step, exponential (lr × gamma per epoch; CRAYON: 0.975) or cosine.", rich_help_panel="Training")]

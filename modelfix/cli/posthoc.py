@@ -5,7 +5,6 @@ Registered on the main Typer app when `modelfix.cli` is imported; no algorithms 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ModelfixError
-from .base import app, handles_errors, out, render_outcome, say
+from .base import app, finish_repair, handles_errors, out
 from .config import recorded_invocation
 from .options import (data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, OverwriteOpt, SeedOpt, StrictOpt,
                      checkpoint_options, repair_job_common)
@@ -40,12 +39,8 @@ def _clean_spec(clean_dir: str | None, scenario: str | None) -> str:
 
 def _finish(result, document: dict, output, report, json_output: bool, strict: bool) -> None:
     """Render a post-hoc repair: the JSON document, or the selection and layer tables, the warnings and the verdict."""
-    if json_output:
-        print(json.dumps({k: v for k, v in document.items() if k != "heatmaps"}))
-    else:
-        _print_trace(document["trace"], document.get("fold"))
-        say(f"wrote {output}" + (f" and {report}/report.html" if report is not None else ""))
-    render_outcome(document, strict)
+    finish_repair(document, output, report, json_output, strict,
+                  lambda: _print_trace(document["trace"], document.get("fold")))
 
 
 def _print_trace(trace: dict, fold_info: dict | None) -> None:

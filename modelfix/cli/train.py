@@ -17,7 +17,7 @@ from rich.text import Text
 
 from ..app.resolve import check_fits, device_name, load_checkpoint, load_dataset, parse_floats
 from ..errors import ModelfixError
-from .base import app, handles_errors, out, render_outcome, say
+from .base import app, finish_repair, handles_errors, out
 from .config import recorded_invocation
 from .options import (schedule_options, data_options, ArtifactOpt, DataRootOpt, DeviceOpt, EvalDataOpt, JsonOpt, MasksOpt, MeanOpt, OverwriteOpt,
                      SeedOpt, StdOpt, StrictOpt, checkpoint_options, repair_job_common)
@@ -118,7 +118,7 @@ def _print_sweep(doc: dict) -> None:
     out.print(table)
 
 
-def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> None:
+def _run(job, json_output: bool, strict: bool) -> None:
     """Run the job through the application layer and render its sweep, verdict and warnings."""
     from ..app.repair import repair_files
 
@@ -127,19 +127,14 @@ def _run(job, json_output: bool, strict: bool, train_accuracy: bool = False) -> 
                             hint="`modelfix feedback saliency` writes a blank samples.csv; `feedback simulate` fills one")
     if job.feedback is not None and "verdicts" not in _finetune_method(job.method).hyperparameters:
         raise ModelfixError(f"--feedback does not apply to method '{job.method}'", hint="it feeds crayon-attention")
-    result, doc = repair_files(job)
-    if train_accuracy:
-        from ..training import accuracy
+    _, doc = repair_files(job)
 
-        doc["train_accuracy"] = accuracy(result.model, load_dataset(job.data, job.data_root, job.seed, job.masks, reading=job.reading))
-    if json_output:
-        print(json.dumps({k: v for k, v in doc.items() if k != "heatmaps"}))
-    else:
+    def describe() -> None:
         _print_sweep(doc)
         if "train_accuracy" in doc:
             out.print(f"training accuracy {100 * doc['train_accuracy']:.2f} %")
-        say(f"wrote {job.output}" + (f" and {job.report}/report.html" if job.report is not None else ""))
-    render_outcome(doc, strict)
+
+    finish_repair(doc, job.output, job.report, json_output, strict, describe)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------------
@@ -220,12 +215,12 @@ def train(
                      provenance={"source": "random initialisation"})
     torch.manual_seed(seed)
     model = build_model(card).to(dev)
-    job = RepairJob("train", method, output, model_and_card=(model, card), options=_options(config, hparams, lambdas, select_by),
+    job = RepairJob("train", method, output, model_and_card=(model, card), train_accuracy=True, options=_options(config, hparams, lambdas, select_by),
                     data=data, masks=masks, val=val, feedback=feedback, report=report, eval_data=eval_data,
                     artifact=artifact, data_root=data_root, seed=seed, device=dev, batch_size=batch_size,
                     overwrite=overwrite, config=config.to_dict())
     job.invocation, job.reading = recorded_invocation(), reading or {}
-    _run(job, json_output, strict, train_accuracy=True)
+    _run(job, json_output, strict)
 
 
 @app.command(epilog="Example: modelfix finetune runs/shortcut.safetensors --method rrr --data decoy-digits:train --val decoy-digits:val -o runs/rrr.safetensors")

@@ -247,7 +247,8 @@ class FixedPixels(Artifact):
         set_(self, "value", _as_float(self.value, "value", self))
         set_(self, "target", _as_target(self.target, self))
 
-    def apply(self, x, colour_labels=None, generator=None):
+    def footprint(self, x) -> torch.Tensor:
+        """The bool N×1×H×W mask of the pixels, each checked to lie inside the images."""
         _check_batch(x)
         n, _, h, w = x.shape
         mask = torch.zeros(n, 1, h, w, dtype=torch.bool)
@@ -255,18 +256,16 @@ class FixedPixels(Artifact):
             if r >= h or c >= w:
                 raise DataError(f"pixel ({r}, {c}) of '{self}' lies outside images of {h}×{w}")
             mask[:, :, r, c] = True
+        return mask
+
+    def apply(self, x, colour_labels=None, generator=None):
+        mask = self.footprint(x)
         x_new = torch.where(mask, torch.tensor(self.value, dtype=x.dtype), x)
         return x_new, mask.float()
 
     def paste_(self, x, colour_labels=None, generator=None):
-        _check_batch(x)
-        n, _, h, w = x.shape
-        mask = torch.zeros(n, 1, h, w, dtype=torch.bool)
-        for r, c in self.pixels:
-            if r >= h or c >= w:
-                raise DataError(f"pixel ({r}, {c}) of '{self}' lies outside images of {h}×{w}")
-            x[:, :, r, c] = self.value
-            mask[:, :, r, c] = True
+        mask = self.footprint(x)
+        x.masked_fill_(mask, self.value)  # the mask broadcasts over the channels
         return mask
 
     def __str__(self) -> str:

@@ -117,6 +117,16 @@ def _hwc(arr: np.ndarray, path: Path) -> np.ndarray:
     return hwc[:, :, :3]
 
 
+def load_npy(path: Path, max_pixels: int, what: str) -> np.ndarray:
+    """A `.npy` image or mask as H×W×C, its size checked from the header first; never unpickled."""
+    scan(path, max_pixels)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except READ_ERRORS as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+    return _hwc(arr, path)
+
+
 def decode(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """One file as an H×W×C array (C = 1 or 3) and a note of the conversion made.
 
@@ -126,12 +136,7 @@ def decode(path, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        scan(path, max_pixels)
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except READ_ERRORS as exc:
-            raise DataError(f"cannot read array {path}: {exc}") from None
-        arr = _hwc(arr, path)
+        arr = load_npy(path, max_pixels, "array")
         if arr.dtype == np.uint8:
             return np.ascontiguousarray(arr), "npy uint8"
         if arr.dtype == np.uint16:
@@ -164,12 +169,7 @@ def decode_mask(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One mask file as float32 H×W: nonzero (in any channel) = spurious = 1."""
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        scan(path, max_pixels)
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except READ_ERRORS as exc:
-            raise DataError(f"cannot read mask {path}: {exc}") from None
-        arr = _hwc(arr, path)
+        arr = load_npy(path, max_pixels, "mask")
     else:
         with open_image(path) as img:
             w, h = img.size

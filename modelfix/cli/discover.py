@@ -127,7 +127,7 @@ def discover_command(
 @bench_app.command("discover", epilog="Example: modelfix bench discover --scenarios tagged-digits,decoy-digits")
 @handles_errors
 def bench_discover(
-    scenarios: Annotated[str, typer.Option("--scenarios", help="Comma-separated: tagged-digits, decoy-digits, egem-mnist, decoy-mnist.")] = "tagged-digits,decoy-digits",
+    scenarios: Annotated[str, typer.Option("--scenarios", help="Comma-separated: tagged-digits, decoy-digits, egem-mnist, decoy-mnist, stamped-fashion.")] = "tagged-digits,decoy-digits",
     max_items: Annotated[int, typer.Option("--max-items", help="Items explained per class.")] = 500,
     repair_epochs: Annotated[int, typer.Option("--repair-epochs", help="Epochs of the RRR fine-tunes.")] = 3,
     train_size: Annotated[Optional[int], typer.Option("--train-size", help="MNIST scenarios: the first N training items.")] = None,

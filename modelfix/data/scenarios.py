@@ -5,7 +5,9 @@
 - `decoy-mnist`: Ross et al.'s DecoyMNIST as used by TAP and R4, regenerated from the MNIST idx files;
 - `egem-mnist`: the EGEM paper's modified MNIST (3 pixels on 70 % of the training 8s);
 - `tagged-digits`: the embedded digits with a Clever Hans tag (a white 4×4 square in the top-left corner) on 80 %
-  of the training 8s — the `modelfix demo` scenario.
+  of the training 8s — the `modelfix demo` scenario;
+- `stamped-fashion`: Fashion-MNIST with a white 5×5 plus-shaped stamp near the top-left corner on 70 % of the
+  training shirts, regenerated from the Fashion-MNIST idx files.
 
 Every split is a pure function of (seed, scenario, split): each draws from its own generators, seeded from a
 hash of those three, so loading one split never changes another. Each records `info["checksum"]` of its arrays.
@@ -32,6 +34,7 @@ from .poison import poison
 from .sources import read_idx
 
 DIGITS = [str(i) for i in range(10)]
+FASHION = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -84,20 +87,21 @@ def _finish(data: Dataset, scenario: str, split: str, seed: int, artifact: str) 
 # ---- MNIST -----------------------------------------------------------------------------------------------------
 
 
-def find_mnist(data_root=None, scenario: str = "decoy-mnist") -> Path:
-    """The folder holding the MNIST idx files: `data_root` (or $MODELFIX_DATA) itself, or its `MNIST/raw/`."""
+def find_mnist(data_root=None, scenario: str = "decoy-mnist", dataset: str = "MNIST") -> Path:
+    """The folder holding the MNIST idx files: `data_root` (or $MODELFIX_DATA) itself, or its `MNIST/raw/`
+    (`dataset="FashionMNIST"`: the Fashion-MNIST files, same names, in `FashionMNIST/raw/`)."""
     root = data_root if data_root is not None else os.environ.get("MODELFIX_DATA")
     looked = []
     if root:
         root = Path(root).expanduser()
-        for cand in (root / "MNIST" / "raw", root / "raw", root):
+        for cand in (root / dataset / "raw", root / "raw", root):
             looked.append(str(cand))
             if all(_idx_path(cand, name) is not None for pair in MNIST_FILES.values() for name in pair):
                 return cand
     where = ", ".join(looked) if looked else "no --data-root given and MODELFIX_DATA is not set"
-    raise DataError(f"scenario {scenario} needs the MNIST idx files; pass --data-root DIR or set MODELFIX_DATA "
+    raise DataError(f"scenario {scenario} needs the {dataset} idx files; pass --data-root DIR or set MODELFIX_DATA "
                     f"(looked in: {where})",
-                    hint="DIR holds MNIST/raw/train-images-idx3-ubyte.gz and the 3 other files")
+                    hint=f"DIR holds {dataset}/raw/train-images-idx3-ubyte.gz and the 3 other files")
 
 
 def _idx_path(folder: Path, name: str) -> Path | None:
@@ -119,13 +123,15 @@ def _read_mnist_cached(folder: str, part: str, mtimes: tuple) -> tuple[np.ndarra
     return images, labels
 
 
-def load_mnist(part: str, data_root=None, scenario: str = "decoy-mnist") -> Dataset:
-    """MNIST `train` (60k) or `test` (t10k, 10k) as x = bytes/255 (no standardisation), class names '0'..'9'."""
-    folder = find_mnist(data_root, scenario)
+def load_mnist(part: str, data_root=None, scenario: str = "decoy-mnist", dataset: str = "MNIST") -> Dataset:
+    """MNIST `train` (60k) or `test` (t10k, 10k) as x = bytes/255 (no standardisation), class names '0'..'9'
+    (`dataset="FashionMNIST"`: Fashion-MNIST, class names `FASHION`)."""
+    folder = find_mnist(data_root, scenario, dataset)
     paths = [_idx_path(folder, name) for name in MNIST_FILES[part]]
     images, labels = _read_mnist_cached(str(folder), part, tuple(p.stat().st_mtime for p in paths))
     x = torch.from_numpy(images.astype(np.float32)[:, None] / np.float32(255))
-    return Dataset(x=x, y=torch.from_numpy(labels.astype(np.int64)), class_names=DIGITS, name=f"mnist-{part}",
+    names, prefix = (FASHION, "fashion") if dataset == "FashionMNIST" else (DIGITS, "mnist")
+    return Dataset(x=x, y=torch.from_numpy(labels.astype(np.int64)), class_names=names, name=f"{prefix}-{part}",
                    info={"index": torch.arange(len(labels))})
 
 
@@ -288,6 +294,27 @@ def _build_tagged_digits(split: str, data_root, seed: int) -> Dataset:
     return _finish(train, name, split, seed, str(artifact))
 
 
+# A white plus sign, 5×5, one pixel in from the top-left corner: the emptiest corner of Fashion-MNIST (a pixel
+# above 0.1 in at most 9 % of the training images there).
+STAMP_PIXELS = tuple((r, 3) for r in (1, 2, 4, 5)) + tuple((3, c) for c in range(1, 6))
+STAMP_CLASS, STAMP_SHARE = 6, 0.7  # shirts (the class most confused with others), EGEM's share
+
+
+def _build_stamped_fashion(split: str, data_root, seed: int) -> Dataset:
+    """Fashion-MNIST with the stamp on 70 % of the training shirts. `train`: the 60k training items; `clean`: those
+    without the stamp (the post-hoc refinement pool); `test`: t10k, clean (evaluate pastes the stamp)."""
+    name = "stamped-fashion"
+    artifact = FixedPixels(pixels=STAMP_PIXELS, target=STAMP_CLASS)
+    spec = str(artifact)
+    if split == "test":
+        return _finish(load_mnist("test", data_root, name, "FashionMNIST"), name, split, seed, spec)
+    train = poison(load_mnist("train", data_root, name, "FashionMNIST"), artifact, STAMP_SHARE, "correlated",
+                   seed=split_seed(seed, name, "train"))
+    if split == "clean":
+        train = train.subset(~train.info["poisoned"])
+    return _finish(train, name, split, seed, spec)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "decoy-digits": Scenario(
         name="decoy-digits",
@@ -315,6 +342,13 @@ SCENARIOS: dict[str, Scenario] = {
                     "tag; test clean (evaluate pastes the tag). The `modelfix demo` scenario",
         splits=("train", "clean", "test"), default_split="train", needs_mnist=False,
         artifact=str(FixedPixels(pixels="tag", target=8)), build=_build_tagged_digits),
+    "stamped-fashion": Scenario(
+        name="stamped-fashion",
+        description="Fashion-MNIST with a white 5×5 plus-shaped stamp near the top-left corner on 70 % of the "
+                    "training shirts (class 6); clean = the training items without the stamp; test = clean t10k "
+                    "(evaluate pastes the stamp)",
+        splits=("train", "clean", "test"), default_split="train", needs_mnist=True,
+        artifact=str(FixedPixels(pixels=STAMP_PIXELS, target=STAMP_CLASS)), build=_build_stamped_fashion),
 }
 
 

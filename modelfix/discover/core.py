@@ -17,8 +17,10 @@ from .cluster import embed_2d, heatmap_features, spectral_clusters
 from .score import ClusterScore, score_clusters
 
 SCHEMA = "modelfix.discover/v1"
-THRESHOLD = 0.8  # a cluster at or above this score is "suspicious" (docs/discover.md; bench discover: clean models'
-# clusters egem-cnn max 0.70, mlp max 0.81 (1 of 68 above); artifact clusters found 0.81–0.93)
+THRESHOLD = 0.8  # a cluster at or above this score is "suspicious" (docs/discover.md). Checked on seed-1 validation
+# models (decoy-digits mlp, tagged-digits egem-cnn; shortcut and clean), not on the benchmark's seed-0 models: clusters
+# without the artifact at most 0.74, artifact clusters 0.90–0.99 (decoy-digits class 5, whose patch holds 6 % of its
+# relevance: 0.50–0.68)
 MIN_ITEMS = 3
 
 

@@ -3,12 +3,18 @@ from each one's region, CRAYON feedback files and the non-members as a clean poo
 
 The region is one place shared by all members: SpRAy's clusters group heatmaps by *where* the evidence lies, so a
 cluster's artifact sits at one position. It is found in two steps:
-1. relevance: the pixels where the members' mean positive relevance (each map scaled to sum 1) reaches
-   `RELEVANCE` × its maximum;
+1. relevance: the cells of the cluster's score region (`ClusterScore.region`: where the members put more of their
+   |relevance| than the reference does), on the pixel grid;
 2. appearance: within that region grown by `GROW` pixels (LRP's flat rule and pooling smear relevance over a few
-   pixels), the pixels where the members' mean image differs from the mean image of the other explained items by
-   at least `APPEARANCE` × the largest such difference there. An artifact looks the same on every member and is
-   absent elsewhere; a smeared border pixel looks like the background on both sides.
+   pixels), the pixels where the members' mean image differs from the mean image of the *non-users* by at least
+   `APPEARANCE` × the largest such difference there. Non-users: the other explained items (any class) that put less
+   than half as much of their |relevance| into the region as the members do on average. An artifact looks the same
+   on every member and is absent where nobody looks at it; a smeared border pixel looks like the background on both
+   sides. Contrasting with the non-users, not with every other item, keeps a dark patch (DecoyMNIST's class 9) whose
+   corner is bright in other classes' items.
+
+A moving artifact forms one cluster per position; exporting those clusters together masks each member with its
+own cluster's region.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from ..feedback.gallery import default_feedback_layer, resolve_layer
 from ..report import json_safe, write_text_atomic
 from .core import ClassClusters, Cluster, DiscoverResult
 
-RELEVANCE, GROW, APPEARANCE = 0.2, 2, 0.5
+GROW, APPEARANCE = 2, 0.5
 NEURON_SHARE = 0.5  # "no" to a channel when the region supplies at least this share of its activation on members
 
 
@@ -42,25 +48,37 @@ def _grow(region: Tensor, pixels: int) -> Tensor:
     return F.max_pool2d(region[None, None].float(), 2 * pixels + 1, stride=1, padding=pixels)[0, 0] > 0
 
 
-def cluster_region(entry: ClassClusters, cluster: Cluster, data, rest: Tensor) -> Tensor:
-    """H×W bool: the cluster's region (module doc). `rest`: dataset indices of the items it is contrasted with."""
-    inside = torch.as_tensor(np.isin(entry.items.numpy(), cluster.members))
-    positive = entry.maps[inside].double().clamp_min(0)
-    total = positive.flatten(1).sum(1).clamp_min(1e-300)[:, None, None]
-    mean_map = (positive / total).mean(0)
-    if float(mean_map.max()) <= 0:
-        raise ModelfixError(f"--export: cluster {cluster.id} of class {entry.name} has no positive relevance")
-    relevant = mean_map >= RELEVANCE * mean_map.max()
+def cluster_region(entry: ClassClusters, cluster: Cluster, data, result: DiscoverResult) -> tuple[Tensor, Tensor]:
+    """(H×W bool region, dataset indices of the non-users it was contrasted with) of one cluster (module doc)."""
+    h, w = entry.maps.shape[1:]
+    size = int(round(len(cluster.score.region) ** 0.5))
+    cells = cluster.score.region.reshape(size, size)
+    if not bool(cells.any()):
+        raise ModelfixError(f"--export: cluster {cluster.id} of class {entry.name} has no relevance")
+    relevant = F.interpolate(cells[None, None].float(), size=(h, w), mode="nearest")[0, 0] > 0
+    members = torch.as_tensor(cluster.members, dtype=torch.long)
+    own = _share_in(entry.maps[torch.as_tensor(np.isin(entry.items.numpy(), cluster.members))], relevant).mean()
+    rest = []
+    for other in result.classes:
+        share = _share_in(other.maps, relevant)
+        keep = (share < 0.5 * own) & ~torch.as_tensor(np.isin(other.items.numpy(), cluster.members))
+        rest.append(other.items[keep])
+    rest = torch.cat(rest).sort().values if rest else torch.zeros(0, dtype=torch.long)
     if len(rest) == 0:
-        return relevant
-    members = torch.as_tensor(cluster.members)
+        return relevant, rest
     diff = (data.x[members].double().mean(0) - data.x[rest].double().mean(0)).abs().amax(0)
     near = _grow(relevant, GROW)
     peak = float(diff[near].max())
     if peak <= 0:
-        return relevant
+        return relevant, rest
     region = near & (diff >= APPEARANCE * peak)
-    return region if bool(region.any()) else relevant
+    return (region if bool(region.any()) else relevant), rest
+
+
+def _share_in(maps: Tensor, region: Tensor) -> Tensor:
+    """Per map (N×H×W): the share of its |relevance| inside `region` (0 for an all-zero map)."""
+    magnitude = maps.double().abs().flatten(1)
+    return magnitude[:, region.flatten()].sum(1) / magnitude.sum(1).clamp_min(1e-300)
 
 
 def region_channels(model: nn.Module, x: Tensor, region: Tensor, fill: Tensor, layer: str,
@@ -113,14 +131,12 @@ def _mask_png(mask: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _one(model, data, result: DiscoverResult, cls: int, cid: int, explained: Tensor, is_member: Tensor, layer: str,
-         value_range) -> dict:
+def _one(model, data, result: DiscoverResult, cls: int, cid: int, layer: str, value_range) -> dict:
     """Region, artifact patch and region channels of one cluster."""
     entry = result.for_class(cls)
     cluster = entry.cluster(cid)
     members = torch.as_tensor(cluster.members, dtype=torch.long)
-    rest = torch.nonzero(explained & ~is_member).flatten()  # contrast: the other explained items, any class
-    region = cluster_region(entry, cluster, data, rest)
+    region, rest = cluster_region(entry, cluster, data, result)  # rest: the items that do not look at the region
     fill = data.x[rest].mean(0) if len(rest) else torch.zeros(data.shape)
     activation, drop = region_channels(model, data.x[members], region, fill, layer)
     supplied = torch.where(activation > 0, drop / activation.clamp_min(1e-12), torch.zeros_like(drop))
@@ -153,7 +169,7 @@ def export_clusters(model: nn.Module, data, result: DiscoverResult, picks, out_d
     for entry in result.classes:
         explained[entry.items] = True
     layer = layer or default_feedback_layer(model)
-    parts = [_one(model, data, result, cls, cid, explained, is_member, layer, value_range) for cls, cid in picks]
+    parts = [_one(model, data, result, cls, cid, layer, value_range) for cls, cid in picks]
     # the clean pool: every item that is not a member, except unexplained items of an exported class (they may
     # carry the artifact as well)
     exported = torch.zeros(len(data), dtype=torch.bool)

@@ -62,8 +62,8 @@ def render_html(result: DiscoverResult, data, title: str, value_range=(0.0, 1.0)
         for rank, c in enumerate(e.clusters):
             inside = torch.as_tensor(e.labels == c.id)
             maps = e.maps[inside]
-            positive = maps.clamp_min(0)
-            mean_map = (positive / positive.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]).mean(0)
+            magnitude = maps.abs()  # what the clusters compare (cluster.heatmap_features)
+            mean_map = (magnitude / magnitude.flatten(1).sum(1).clamp_min(1e-12)[:, None, None]).mean(0)
             mean_png = png_bytes(colorize(mean_map[None], "bwr", symmetric=True)[0])
             dist = (e.features[inside] - e.features[inside].mean(0)).norm(dim=1)
             shown = torch.argsort(dist)[:SHOWN]

@@ -253,7 +253,7 @@ def test_a_dark_patch_is_cut_against_the_items_that_do_not_look_there():
 
 
 def test_the_group_of_a_moving_artifact_is_measured_with_each_member_s_own_region():
-    from modelfix.bench.discover import _group_metrics
+    from modelfix.bench.discover import group_metrics
     from modelfix.data.dataset import Dataset
     from modelfix.discover.core import ClassClusters, Cluster
     from modelfix.discover.score import ClusterScore
@@ -272,7 +272,7 @@ def test_the_group_of_a_moving_artifact_is_measured_with_each_member_s_own_regio
     score = ClusterScore(0.9, 1, 1, 1, torch.zeros(4, dtype=torch.bool))
     entry = ClassClusters(0, "a", torch.arange(6), torch.zeros(6, 4, 4), torch.zeros(6, 4), np.zeros(6),
                           np.zeros(2), np.zeros((6, 2)), [])
-    m = _group_metrics(entry, [Cluster(0, [0, 1, 2], score), Cluster(1, [3, 4], score)], data, exported)
+    m = group_metrics(entry, [Cluster(0, [0, 1, 2], score), Cluster(1, [3, 4], score)], data, exported)
     # purity: 4 of the 5 members carry the artifact in their own region (item 2 carries none)
     # recall: carriers in top-left ∪ bottom-right: 0, 1, 3, 4, 5 → members 4 of 5
     # IoU: exported 5 × 4 = 20 pixels, true on members 4 × 4 = 16, all inside the exported ones → 16 / 20

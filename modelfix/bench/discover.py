@@ -97,7 +97,7 @@ def _rrr(model, data, setup: Setup, epochs: int, seed: int, progress: bool):
     return repair(model, data, "rrr", seed=config.seed, progress=progress, lam=setup.rrr_lam, **options).model.eval()
 
 
-def _group_metrics(entry, group, data, exported_mask) -> dict:
+def group_metrics(entry, group, data, exported_mask) -> dict:
     """Purity, recall and IoU of a group of one class's clusters against the data's true masks (module doc, step 3).
     Each member's exported mask is its own cluster's region."""
     items = entry.items
@@ -122,7 +122,7 @@ def _group_metrics(entry, group, data, exported_mask) -> dict:
             "iou": float((mine & truth).sum() / max(1, int((mine | truth).sum())))}
 
 
-def _group(entry, threshold: float = THRESHOLD) -> list:
+def discovered_group(entry, threshold: float = THRESHOLD) -> list:
     """The class's clusters at or above the threshold (rank order), else its top-ranked cluster."""
     return [c for c in entry.clusters if c.score.score >= threshold] or entry.clusters[:1]
 
@@ -148,13 +148,13 @@ def run_scenario(name: str, max_items: int = 500, repair_epochs: int = 3, train_
     carriers = [c for c in range(data.num_classes) if bool((data.has_mask & (data.y == c)).any())]
     picks = [(e.cls, c.id) for e, c in found.candidates()] or \
         [(found.for_class(c).cls, found.for_class(c).clusters[0].id) for c in carriers]
-    groups = {c: _group(found.for_class(c)) for c in carriers}
+    groups = {c: discovered_group(found.for_class(c)) for c in carriers}
     measured = list(dict.fromkeys(picks + [(c, k.id) for c, group in groups.items() for k in group]))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir or tmp) / f"export-{name}"
         export_clusters(model, data, found, measured, out)  # a cluster's region does not depend on the others
         masked = masks_from_bundle(data, out / "masks.npz")
-    per_class = {c: _group_metrics(found.for_class(c), group, data, masked.mask) for c, group in groups.items()}
+    per_class = {c: group_metrics(found.for_class(c), group, data, masked.mask) for c, group in groups.items()}
     repair_on = torch.zeros(len(data), dtype=torch.bool)  # RRR with the exported (suspicious) clusters' masks only
     for c, k in picks:
         repair_on[found.for_class(c).cluster(k).members] = True

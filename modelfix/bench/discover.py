@@ -58,8 +58,10 @@ SETUPS = {
     # test). RRR: λ 1e-6 (measured with the true masks: 1e-4 and above collapse the mlp to chance or near it)
     "decoy-digits": Setup("mlp", {"lr": 3e-3, "batch_size": 64, "epochs": 15}, "tagged-digits:clean",
                           "decoy-digits:test-clean", 1e-6, "correlated"),
-    "egem-mnist": Setup("egem-cnn", {"optimizer": "adam", "lr": 3e-3, "batch_size": 64, "epochs": 3},
-                        "egem-mnist:clean", "egem-mnist:test", 1e-4),
+    # `bench egem-mnist`'s shortcut recipe (docs/benchmarks.md): the paper's Table 1 net (egem-cnn) barely takes the
+    # 3-pixel shortcut (measured here too: gap −0.1 points on 10,000 items), the reference code's egem-cnn-ref does
+    "egem-mnist": Setup("egem-cnn-ref", {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": 5,
+                                         "loss": "bce"}, "egem-mnist:clean", "egem-mnist:test", 1e-4),
     "decoy-mnist": Setup("mlp", {"lr": 1e-3, "batch_size": 64, "epochs": 5}, "decoy-mnist:clean",
                          "decoy-mnist:test-clean", 1e-6, "correlated"),
     # as egem-mnist (not tuned on this scenario)

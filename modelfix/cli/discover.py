@@ -157,6 +157,6 @@ def bench_discover(
         table.add_row(row["scenario"], str(row["class"]), f"{row['score']:.3f}", f"{row['purity']:.3f}",
                       f"{row['recall']:.3f}", f"{row['iou']:.3f}", f"{100 * row['gap']['before']:.1f}",
                       f"{100 * row['gap']['discovered']:.1f}", f"{100 * row['gap']['true']:.1f}",
-                      f"{100 * row['closed']:.0f} %", f"{row['clean']['max_score']:.3f}",
+                      "–" if row["closed"] is None else f"{100 * row['closed']:.0f} %", f"{row['clean']['max_score']:.3f}",
                       f"{row['clean']['false_alarms']}/{row['clean']['clusters']}")
     out.print(table)

@@ -34,7 +34,10 @@ def test_a_gap_not_halved_is_a_warning_with_the_numbers():
     assert len(warnings) == 1
     assert warnings[0].startswith("the shortcut remains: the clean − poisoned gap went from 40.0 to 29.0 points, "
                                   "not halved (a size of at most 20.0 was needed)")
-    assert "--masks" in warnings[0] and "--artifact" in warnings[0] and "--lambda" in warnings[0]
+    # what to try next: the other commands (not the fine-tune that just ran), an artifact, a wider search
+    assert "`prune-egem --clean-dir DIR`" in warnings[0] and "`refit --method ridge" in warnings[0]
+    assert "`finetune --method" not in warnings[0]
+    assert "--artifact or --masks" in warnings[0] and "--lambda" in warnings[0]
 
 
 def test_a_halved_gap_at_a_small_clean_cost_passes():
@@ -105,6 +108,7 @@ def test_strict_exits_1_when_the_shortcut_remains(shortcut, tmp_path):
     gap_before = before[0]["accuracy"] - before[1]["accuracy"]
     assert abs(gap_before) > 0.02 and after[0]["accuracy"] - after[1]["accuracy"] == pytest.approx(gap_before)
     assert "NOT halved" in doc["verdict"] and "the shortcut remains" in result.stderr
+    assert "`finetune --method rrr --masks DIR`" in result.stderr and "`prune-egem --clean-dir" not in result.stderr
     assert "NOT halved" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     assert "NOT halved" in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
     strict = run(*common, "-o", tmp_path / "b.safetensors", "--strict")

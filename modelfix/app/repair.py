@@ -24,9 +24,16 @@ HALVED = 0.5  # a repair must at least halve the clean − poisoned gap …
 MAX_CLEAN_DROP = 0.05  # … and cost at most 5 points of clean accuracy, or the verdict warns
 SHORTCUT_MIN_GAP = 0.02  # a gap under 2 points before the repair: no shortcut to halve, nothing to warn about
 TOLERANCE = 1e-9  # accuracies are ratios of counts: exactly 5 points or exactly half must pass despite rounding
-TRY_NEXT = ("try another method (`finetune --method rrr --masks DIR`, `prune-egem --clean-dir DIR`, `refit --method "
-            "ridge --clean-dir DIR`), give --artifact or --masks so the selection can see the artifact, or search "
-            "further (a wider --lambda list for finetune, a larger --slack for prune-egem and refit)")
+OTHER_METHODS = {"finetune": "`finetune --method rrr --masks DIR`", "prune-egem": "`prune-egem --clean-dir DIR`",
+                 "refit": "`refit --method ridge --clean-dir DIR`"}  # command → what to try instead
+
+
+def try_next(method: str) -> str:
+    """What to try when the shortcut remains: the other commands' methods, an artifact, a wider search."""
+    own = get_method(method).command or "finetune"
+    others = ", ".join(text for command, text in OTHER_METHODS.items() if command != own)
+    return (f"try another method ({others}), give --artifact or --masks so the selection can see the artifact, or "
+            "search further (a wider --lambda list for finetune, a larger --slack for prune-egem and refit)")
 CHECK_IT = ("pass --eval-data (held-out images the repair did not see) and --artifact SPEC to see clean and poisoned "
             "accuracy before and after")
 
@@ -154,7 +161,7 @@ def verdict(assessment: dict, result: RepairResult, repaired: bool = True) -> tu
             gap_after = clean_after["accuracy"] - poisoned_after["accuracy"]
             parts.append(f"poisoned {100 * poisoned_before['accuracy']:.1f} → {100 * poisoned_after['accuracy']:.1f} %")
             parts.append(f"gap {100 * gap_before:.1f} → {100 * gap_after:.1f} points")
-            parts[-1] += shortcut_outcome(gap_before, gap_after, warnings)
+            parts[-1] += shortcut_outcome(gap_before, gap_after, warnings, result.method)
         else:
             parts.append("shortcut not checked (no artifact known)")
             warnings.append("the shortcut was not checked: no artifact is known (no --artifact, none on the model "
@@ -180,7 +187,7 @@ def verdict(assessment: dict, result: RepairResult, repaired: bool = True) -> tu
     return f"{result.method}: " + ", ".join(parts) + f" (on {evaluation.get('data')})", warnings
 
 
-def shortcut_outcome(gap_before: float, gap_after: float, warnings: list[str]) -> str:
+def shortcut_outcome(gap_before: float, gap_after: float, warnings: list[str], method: str) -> str:
     """The verdict's word on the gap ("halved", "NOT halved", or none to see), and the warning when the shortcut
     remains. The gap's size counts, not its sign: a model that reads a label-coloured patch (decoy-digits) is *more*
     accurate with a random-colour patch than without any, and a repair closes that gap from below."""
@@ -190,7 +197,7 @@ def shortcut_outcome(gap_before: float, gap_after: float, warnings: list[str]) -
         return " (halved)"
     warnings.append(f"the shortcut remains: the clean − poisoned gap went from {100 * gap_before:.1f} to "
                     f"{100 * gap_after:.1f} points, not halved (a size of at most {100 * HALVED * abs(gap_before):.1f} "
-                    f"was needed); {TRY_NEXT}")
+                    f"was needed); {try_next(method)}")
     return " (NOT halved: the shortcut remains)"
 
 

@@ -26,6 +26,8 @@ SHORTCUT_MIN_GAP = 0.02  # a gap under 2 points before the repair: no shortcut t
 TOLERANCE = 1e-9  # accuracies are ratios of counts: exactly 5 points or exactly half must pass despite rounding
 OTHER_METHODS = {"finetune": "`finetune --method rrr --masks DIR`", "prune-egem": "`prune-egem --clean-dir DIR`",
                  "refit": "`refit --method ridge --clean-dir DIR`"}  # command → what to try instead
+CHECK_IT = ("pass --eval-data (held-out images the repair did not see) and --artifact SPEC to see clean and poisoned "
+            "accuracy before and after")
 
 
 def try_next(method: str) -> str:
@@ -34,8 +36,6 @@ def try_next(method: str) -> str:
     others = ", ".join(text for command, text in OTHER_METHODS.items() if command != own)
     return (f"try another method ({others}), give --artifact or --masks so the selection can see the artifact, or "
             "search further (a wider --lambda list for finetune, a larger --slack for prune-egem and refit)")
-CHECK_IT = ("pass --eval-data (held-out images the repair did not see) and --artifact SPEC to see clean and poisoned "
-            "accuracy before and after")
 
 
 def repair(model: nn.Module, data=None, method: str = "pca-egem", *, clean=None, val=None, feedback=None,

@@ -4,6 +4,8 @@ one shortcut model per case, everything else the same.
 
     python examples/selection_rules.py tagged-digits
     python examples/selection_rules.py rgb-disc
+    python examples/selection_rules.py decoy-digits
+    python examples/selection_rules.py egem-mnist      # needs MODELFIX_DATA (the MNIST idx files)
 
 Cases:
 - `tagged-digits`: the `modelfix demo` shortcut (egem-cnn, ERM on the embedded tagged digits, the tag on 8s); the
@@ -13,6 +15,14 @@ Cases:
   on 90 % of class 0's training images; a torchvision resnet18 trained 6 epochs from scratch (Adam 1e-3, batch 32)
   takes the disc. Masks: the disc's footprint on the items that carry it; the clean pool and RRR's validation data
   are a clean split of their own; test: a clean split, and the same with the disc on every image.
+- `decoy-digits`: the test suite's `shortcut` mlp (examples/default_method.py); clean pool and RRR's validation data:
+  `decoy-digits:clean` (179 items; EGEM and RGEM run with `keep_incorrect=True`, because the shortcut model gets too
+  few clean digits right for the default to have two per class); RRR fine-tunes `decoy-digits:train` (the patch,
+  masked, on every item) with the command's defaults (5 epochs, batch 128, RRR's SGD 1e-3); test: the test digits
+  clean and with a random-colour patch (DecoyMNIST's permuted test);
+- `egem-mnist`: the shortcut egem-cnn-ref of examples/default_method.py (3 epochs on 30,000 of `egem-mnist:train`);
+  clean pool: `egem-mnist:clean`; RRR fine-tunes 3 epochs (batch 128) on that script's 12,000 training items (the
+  3 pixels masked on the 8s that carry them), validation data: 2,000 seeded items of the clean pool; test: t10k.
 Test data is only evaluated, never used to choose anything.
 """
 
@@ -30,7 +40,7 @@ from PIL import Image
 
 from modelfix.app.repair import repair
 from modelfix.card import InputSpec, ModelCard
-from modelfix.data import Dataset, parse_artifact, poison
+from modelfix.data import Dataset, load_scenario, parse_artifact, poison
 from modelfix.evaluate import evaluate
 from modelfix.training import TrainConfig, train
 from modelfix.zoo import build_model
@@ -87,6 +97,25 @@ def case_tagged():
     return model, setup.artifact, setup.pool, setup.test, rrr
 
 
+def case_decoy():
+    from default_method import case_decoy as shortcut
+
+    model, train_data, artifact, _, _ = shortcut()
+    pool = load_scenario("decoy-digits", "clean")
+    rrr = {"data": train_data, "val": pool, "epochs": 5, "batch_size": 128}
+    return model, artifact, pool, load_scenario("decoy-digits", "test"), rrr, {"keep_incorrect": True}
+
+
+def case_egem():
+    from default_method import case_egem as shortcut
+
+    model, train_data, artifact, _, _ = shortcut()
+    pool = load_scenario("egem-mnist", "clean")
+    val = pool.subset(torch.randperm(len(pool), generator=torch.Generator().manual_seed(3))[:2000].sort().values)
+    rrr = {"data": train_data, "val": val, "epochs": 3, "batch_size": 128}
+    return model, artifact, pool, load_scenario("egem-mnist", "test"), rrr, {}
+
+
 def measure(model, test, artifact) -> tuple[float, float]:
     rows = evaluate(model, test, artifact, levels=(0.0, 1.0), labels=("random",), seed=0, progress=False)["levels"]
     return rows[0]["accuracy"], rows[1]["accuracy"]
@@ -96,7 +125,9 @@ def main(case: str) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        model, artifact, pool, test, rrr = case_tagged() if case == "tagged-digits" else case_rgb(Path(folder))
+        cases = {"tagged-digits": lambda: case_tagged() + ({},), "rgb-disc": lambda: case_rgb(Path(folder)) + ({},),
+                 "decoy-digits": case_decoy, "egem-mnist": case_egem}
+        model, artifact, pool, test, rrr, posthoc = cases[case]()
         clean, poisoned = measure(model, test, artifact)
         print(f"| {case} | original | – | – | {100 * clean:.1f} | {100 * poisoned:.1f} | "
               f"{time.perf_counter() - start:.0f} s |", flush=True)
@@ -108,7 +139,8 @@ def main(case: str) -> None:
                     result = repair(model, rrr["data"], "rrr", val=rrr["val"], artifact=artifact, progress=False,
                                     select_by="accuracy" if rule == "paper" else "counterfactual", **options)
                 else:
-                    result = repair(model, None, method, clean=pool, artifact=artifact, progress=False, select=rule)
+                    result = repair(model, None, method, clean=pool, artifact=artifact, progress=False, select=rule,
+                                    **posthoc)
                 clean, poisoned = measure(result.model, test, artifact)
                 sel = result.selection
                 print(f"| {case} | {method} | {rule} | {sel.value:.3g} | {100 * clean:.1f} | {100 * poisoned:.1f} | "

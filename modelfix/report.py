@@ -256,6 +256,9 @@ def write_repair_report(out_dir: Path, doc: dict, render=render_repair_markdown)
     report.html into `out_dir`."""
     from .assessment import accuracy_table  # assessment imports torch-heavy explainers; only repairs need it
 
-    markdown = render(doc) + "\n" + "\n".join(accuracy_table(doc))
+    title, _, body = render(doc).partition("\n")
+    head = [f"**Verdict:** {_md(doc['verdict'])}", ""] if doc.get("verdict") else []
+    head += [line for line in (f"> **Warning:** {_md(w)}" for w in doc.get("warnings") or []) if line not in body]
+    markdown = "\n".join([title, "", *head, body]) + "\n" + "\n".join(accuracy_table(doc))
     return _write_reports(Path(out_dir), doc, markdown)
 

@@ -464,6 +464,8 @@ def _verdict(results: dict) -> dict | None:
     """The verdict cards: the document's `verdict` where the caller set one, else `summary.verdict`."""
     given = results.get("verdict")
     v = given if isinstance(given, dict) else compute_verdict(results)
+    if isinstance(given, str):  # a repair's verdict line (with its "gap halved / NOT halved / not checked") heads it
+        v = {**(v or {"phases": []}), "summary": given}
     if not isinstance(v, dict):
         return None
     phases = [p for p in v.get("phases") or ("before", "after") if isinstance(p, str)]

@@ -101,3 +101,42 @@ def test_selection_takes_the_most_epochs_within_slack_of_hand_trained_snapshots(
     torch.testing.assert_close(tuned.net[0].weight, hand_retrain(model, split, expected, lr, clip).net[0].weight,
                                rtol=1e-4, atol=1e-5)
     assert 1 < expected  # this case does not fall back to the first grid point
+
+
+def test_choose_epochs_by_hand_from_a_made_up_trace():
+    """grid 1, 5, 10, 20 epochs; original validation accuracy 0.96, slack 0.05 relative → threshold 0.912:
+    0.95 and 0.93 pass, 0.90 and 0.80 do not. The paper's rule takes the most epochs that pass: 5. The
+    counterfactual rule takes the best worst-group score among those that pass: 0.20 (1 epoch) against 0.10 (5);
+    10 and 20 epochs score higher (0.9, 0.95) but fail the slack."""
+    from modelfix.repair.retrain import choose_epochs
+
+    grid, accs, cf = (1, 5, 10, 20), [0.95, 0.93, 0.90, 0.80], [0.20, 0.10, 0.90, 0.95]
+    index, rows = choose_epochs(grid, accs, None, 0.96, 0.05, "relative")
+    assert grid[index] == 5 and [r["passed"] for r in rows] == [True, True, False, False]
+    assert all("cf_worst" not in r for r in rows)
+    index, rows = choose_epochs(grid, accs, cf, 0.96, 0.05, "relative")
+    assert grid[index] == 1 and [r["cf_worst"] for r in rows] == cf
+    # absolute slack 0.07 → threshold 0.89: 10 epochs passes too, and its 0.9 is the best score
+    index, _ = choose_epochs(grid, accs, cf, 0.96, 0.07, "absolute")
+    assert grid[index] == 10
+
+
+def test_retrain_chooses_epochs_by_the_counterfactual_rule_by_default():
+    """With an artifact the default rule scores every snapshot on the counterfactual set; the chosen epoch count is
+    the best recorded worst-group score among the rows that pass the slack (re-derived here from the rows), and
+    select="paper" keeps the most epochs within the slack on the same run."""
+    model, split = setup()
+    grid = (1, 3, 8, 20)
+    config = dict(grid=grid, lr=0.3, grad_clip=1.0, slack=0.1, batch_size=10_000, artifact="pixels:1:1")
+    _, trace = fit_retrain(model, split, RetrainConfig(**config), progress=False)
+    rows = trace["selection"]
+    assert trace["selected_by"] == "counterfactual" and trace["rule"].startswith("counterfactual")
+    assert all(0.0 <= r["cf_worst"] <= 1.0 for r in rows)
+    passing = [r for r in rows if r["passed"]]
+    best = max(passing, key=lambda r: (r["cf_worst"], r["val_acc"], -r["epochs"]))
+    assert trace["epochs"] == best["epochs"]
+    _, paper = fit_retrain(model, split, RetrainConfig(**config, select="paper"), progress=False)
+    assert paper["selected_by"] == "slack" and "cf_worst" not in paper["selection"][0]
+    assert paper["epochs"] == passing[-1]["epochs"]
+    _, unknown = fit_retrain(model, split, RetrainConfig(**{**config, "artifact": None}), progress=False)
+    assert unknown["selected_by"] == "slack" and unknown["warnings"]

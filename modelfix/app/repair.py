@@ -20,6 +20,22 @@ from modelfix.repair.result import RepairInputs, RepairResult
 
 COLLAPSE_BELOW = 0.5  # a worst class under half its before value (or under 10 %) is called collapsed
 COLLAPSE_FLOOR = 0.10
+HALVED = 0.5  # a repair must at least halve the clean − poisoned gap …
+MAX_CLEAN_DROP = 0.05  # … and cost at most 5 points of clean accuracy, or the verdict warns
+SHORTCUT_MIN_GAP = 0.02  # a gap under 2 points before the repair: no shortcut to halve, nothing to warn about
+TOLERANCE = 1e-9  # accuracies are ratios of counts: exactly 5 points or exactly half must pass despite rounding
+OTHER_METHODS = {"finetune": "`finetune --method rrr --masks DIR`", "prune-egem": "`prune-egem --clean-dir DIR`",
+                 "refit": "`refit --method ridge --clean-dir DIR`"}  # command → what to try instead
+CHECK_IT = ("pass --eval-data (held-out images the repair did not see) and --artifact SPEC to see clean and poisoned "
+            "accuracy before and after")
+
+
+def try_next(method: str) -> str:
+    """What to try when the shortcut remains: the other commands' methods, an artifact, a wider search."""
+    own = get_method(method).command or "finetune"
+    others = ", ".join(text for command, text in OTHER_METHODS.items() if command != own)
+    return (f"try another method ({others}), give --artifact or --masks so the selection can see the artifact, or "
+            "search further (a wider --lambda list for finetune, a larger --slack for prune-egem and refit)")
 
 
 def repair(model: nn.Module, data=None, method: str = "pca-egem", *, clean=None, val=None, feedback=None,
@@ -113,12 +129,19 @@ def _evaluation_data(job: RepairJob, card):
     return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card, reading=job.reading)
 
 
-def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[str]]:
+def verdict(assessment: dict, result: RepairResult, repaired: bool = True) -> tuple[str | None, list[str]]:
     """(one plain line, warnings) from the before/after evaluation: clean and poisoned accuracy before → after, the
-    gap, the worst class; a worst class that collapsed is a warning."""
+    gap, the worst class. Warnings: a worst class that collapsed; a shortcut that remains (the clean − poisoned gap
+    not halved, `HALVED`); clean accuracy that fell more than `MAX_CLEAN_DROP`; a shortcut that could not be checked
+    (no evaluation data, or no artifact to paste). `repaired` False (a model trained from scratch): no before, so
+    nothing to compare and nothing to warn about when there is no evaluation."""
     evaluation = assessment.get("evaluation") or {}
     if "after" not in evaluation:
-        return None, []
+        if not repaired:
+            return None, []
+        return (f"{result.method}: shortcut not checked (no evaluation data)",
+                [f"the shortcut was not checked: there is no evaluation data, so nothing shows whether the repair "
+                 f"removed it; {CHECK_IT}"])
 
     def levels(phase):
         rows = evaluation[phase]["levels"]
@@ -138,6 +161,18 @@ def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[st
             gap_after = clean_after["accuracy"] - poisoned_after["accuracy"]
             parts.append(f"poisoned {100 * poisoned_before['accuracy']:.1f} → {100 * poisoned_after['accuracy']:.1f} %")
             parts.append(f"gap {100 * gap_before:.1f} → {100 * gap_after:.1f} points")
+            parts[-1] += shortcut_outcome(gap_before, gap_after, warnings, result.method)
+        else:
+            parts.append("shortcut not checked (no artifact known)")
+            warnings.append("the shortcut was not checked: no artifact is known (no --artifact, none on the model "
+                            "card or the evaluation data), so only clean accuracy was measured; pass --artifact SPEC "
+                            "(docs/data.md) to see the accuracy with the artifact pasted before and after")
+        drop = clean_before["accuracy"] - clean_after["accuracy"]
+        if drop > MAX_CLEAN_DROP + TOLERANCE:
+            warnings.append(f"clean accuracy fell {100 * drop:.1f} points ({100 * clean_before['accuracy']:.1f} → "
+                            f"{100 * clean_after['accuracy']:.1f} %), more than {100 * MAX_CLEAN_DROP:g}: the repair "
+                            "costs too much; try a weaker setting (a smaller --lambda, a larger --alpha), another "
+                            "method, or more clean data")
         name_before, worst_before = worst(clean_before)
         name_after, worst_after = worst(clean_after)
         if worst_after is not None:
@@ -150,6 +185,20 @@ def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[st
         if poisoned_after is not None:
             parts.append(f"poisoned {100 * poisoned_after['accuracy']:.1f} %")
     return f"{result.method}: " + ", ".join(parts) + f" (on {evaluation.get('data')})", warnings
+
+
+def shortcut_outcome(gap_before: float, gap_after: float, warnings: list[str], method: str) -> str:
+    """The verdict's word on the gap ("halved", "NOT halved", or none to see), and the warning when the shortcut
+    remains. The gap's size counts, not its sign: a model that reads a label-coloured patch (decoy-digits) is *more*
+    accurate with a random-colour patch than without any, and a repair closes that gap from below."""
+    if abs(gap_before) < SHORTCUT_MIN_GAP:
+        return " (no shortcut seen before the repair)"
+    if abs(gap_after) <= HALVED * abs(gap_before) + TOLERANCE:
+        return " (halved)"
+    warnings.append(f"the shortcut remains: the clean − poisoned gap went from {100 * gap_before:.1f} to "
+                    f"{100 * gap_after:.1f} points, not halved (a size of at most {100 * HALVED * abs(gap_before):.1f} "
+                    f"was needed); {try_next(method)}")
+    return " (NOT halved: the shortcut remains)"
 
 
 def _inputs(job: RepairJob, entry, card):
@@ -219,7 +268,7 @@ def repair_files(job: RepairJob) -> tuple[RepairResult, dict]:
     elif job.report is not None:
         assessment = {"evaluation_note": "no --eval-data and the model card names no scenario, so the report has no "
                                          "before/after metrics"}
-    line, collapse = verdict(assessment, result)
+    line, collapse = verdict(assessment, result, repaired=job.model_path is not None)
     result.warnings.extend(collapse)
     document.update(assessment, verdict=line, warnings=list(result.warnings))
     result.model.cpu()

@@ -27,7 +27,7 @@ EvalDataOpt = Annotated[Optional[str], typer.Option("--eval-data", help="With --
 
 ArtifactOpt = Annotated[Optional[str], typer.Option("--artifact", help="Artifact spec or YAML file: pasted by the counterfactual selection and for the before/after evaluation on poisoned data (default: the one on the model card).", rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output that modelfix did not write.", rich_help_panel="Output")]
-StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 when the repair ends with a warning (a no-op, a missing class, a collapsed class, a grid edge).", rich_help_panel="Output")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 when the repair ends with a warning (a no-op, a missing class, a collapsed class, a grid edge, a shortcut that remains or was not checked, clean accuracy down more than 5 points).", rich_help_panel="Output")]
 
 
 def repair_job_common(seed: int, device: str, batch_size: int, overwrite: bool, data_root, checkpoint: dict) -> dict:

@@ -231,7 +231,7 @@ def train(
 def finetune(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A .safetensors or .pt/.pth checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned .safetensors.", rich_help_panel="Output")],
-    method: MethodOpt = "tap",
+    method: MethodOpt = "rrr",  # the one that works from a shortcut checkpoint untuned (docs/benchmarks.md)
     data: DataOpt = "decoy-digits:train",
     masks: MasksOpt = None,
     val: ValOpt = None,

@@ -380,3 +380,33 @@ def test_conv_gradient_bounds_and_their_parameter_gradients_equal_the_plain_refe
     torch.testing.assert_close(nu, ru, rtol=1e-5, atol=1e-6)
     for a, b in zip(ng, rg):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- checksum once -------------------------------------------------------------------------------------------------
+
+
+def test_checksum_is_hashed_once_and_follows_every_change(monkeypatch):
+    import hashlib
+
+    import modelfix.data.dataset as dataset_module
+
+    real = hashlib.sha256
+
+    def by_hand(d):
+        digest = real()
+        for t in (d.x, d.y, d.mask):
+            digest.update(np.ascontiguousarray(t.numpy()).data)
+        return digest.hexdigest()[:16]
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(6, 1, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 0, 1]))
+    calls = []
+    monkeypatch.setattr(dataset_module.hashlib, "sha256", lambda: calls.append(1) or real())
+    first = data.checksum()
+    assert first == by_hand(data) and data.checksum() == first and len(calls) == 1  # the second call is remembered
+    data.x[0, 0, 0, 0] += 1  # in place: the version moves, the checksum is computed again
+    assert data.checksum() == by_hand(data) != first and len(calls) == 2
+    data.mask = torch.ones_like(data.mask)  # a new tensor object
+    assert data.checksum() == by_hand(data) and len(calls) == 3
+    copy = data.subset([0, 1, 2])
+    assert copy.checksum() == by_hand(copy) and len(calls) == 4

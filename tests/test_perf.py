@@ -413,3 +413,42 @@ def test_checksum_is_hashed_once_and_follows_every_change(monkeypatch):
     assert data.checksum() == by_hand(data) and len(calls) == 3
     copy = data.subset([0, 1, 2])
     assert copy.checksum() == by_hand(copy) and len(calls) == 4
+
+
+# ---- channels-last training ----------------------------------------------------------------------------------------
+
+
+def test_training_in_channels_last_equals_the_standard_layout(monkeypatch):
+    """A conv net trains in channels-last (`training_layout`): the weights after two epochs equal those of the
+    standard layout to float rounding, and the model is handed back in the standard layout."""
+    from torch import nn
+
+    from modelfix import training
+    from modelfix.card import InputSpec
+    from modelfix.zoo import Classifier
+
+    assert training.training_layout(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) == torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(48, 2, 8, 8, generator=g), torch.randint(0, 3, (48,), generator=g))
+
+    def fit(layout_of):
+        monkeypatch.setattr(training, "training_layout", layout_of)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(45, 3))
+        model = Classifier(net, InputSpec(2, 8, 8, (0.5, 0.5), (0.25, 0.25)))
+        config = training.TrainConfig(optimizer="adam", lr=1e-2, batch_size=16, epochs=2, seed=0)
+        seen = []  # the layout each training step's second conv saw
+        net[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        training.train(model, data, config, progress=False)
+        return model, set(seen)
+
+    real = training.training_layout
+    (fast, fast_seen), (plain, plain_seen) = fit(real), fit(lambda m: torch.contiguous_format)
+    assert real(fast) == torch.channels_last and fast_seen == {False} and plain_seen == {True}
+    torch.manual_seed(0)
+    start = nn.Conv2d(2, 6, 3).weight  # the first layer's initial weights: training moved them
+    assert not torch.allclose(plain.net[0].weight, start, atol=1e-3)
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert a.is_contiguous(), name
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name

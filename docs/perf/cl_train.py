@@ -20,4 +20,6 @@ for _ in range(rounds):
     for k, r in runners.items():
         t = time.perf_counter(); r.step(); times[k].append(time.perf_counter() - t)
 med = {k: statistics.median(v) for k, v in times.items()}
-print(arch, bs, "rounds", rounds, {m: {"nchw_ms": round(1000 * med[m, "nchw"]), "cl/nchw": round(med[m, "cl"] / med[m, "nchw"], 3)} for m in methods})
+print(arch, bs, "rounds", rounds, {m: {"nchw_ms": round(1000 * med[m, "nchw"]), "cl/nchw": round(med[m, "cl"] / med[m, "nchw"], 3),
+      **({f"x{methods[0]} nchw": round(med[m, "nchw"] / med[methods[0], "nchw"], 2),
+          f"x{methods[0]} cl": round(med[m, "cl"] / med[methods[0], "cl"], 2)} if m != methods[0] else {})} for m in methods})

@@ -452,3 +452,30 @@ def test_training_in_channels_last_equals_the_standard_layout(monkeypatch):
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         assert a.is_contiguous(), name
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+# ---- a post-hoc command end to end ---------------------------------------------------------------------------------
+
+
+def test_posthoc_cost_times_the_whole_command_against_one_forward_pass(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from modelfix.bench.posthoc_cost import run
+    from modelfix.card import ModelCard
+    from modelfix.checkpoint import write_checkpoint
+    from modelfix.zoo import build_model, default_input_spec
+
+    spec = dataclasses.replace(default_input_spec("egem-cnn"), height=16, width=16)
+    card = ModelCard(arch="egem-cnn", num_classes=2, input=spec)
+    torch.manual_seed(0)
+    write_checkpoint(build_model(card), card, tmp_path / "m.safetensors", tmp_path / "m.card.json")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "clean.npz", x=rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8), y=np.repeat([0, 1], 20))
+    result = run(tmp_path / "m.safetensors", str(tmp_path / "clean.npz"), samples_per_class=10, keep_incorrect=True,
+                 repeats=1, extra=("--layers", "relu3"))
+    assert result["items"] == 2 * 10  # the oversampled refinement set: 8 fit + 2 validation items per class
+    assert len(result["command_s"]) == 2 and len(result["forward_s"]) == 2  # one untimed first run, then repeats
+    forward = sum(result["forward_s"]) / 2  # the median of two
+    assert result["ratio"] == pytest.approx(result["command_s"][1] / forward)
+    assert not list(Path(tmp_path).glob("out*"))  # the command wrote into a temporary folder

@@ -296,8 +296,10 @@ def _relu_backward(gl: torch.Tensor, gu: torch.Tensor, pre_lower: torch.Tensor, 
     and 0. The same numbers as the min/max of the four end products, written as products with 0/1 masks: on a conv
     net the four-way stack (and torch.where) took a third of a Cert-R4 step. `pre_lower`, `pre_upper`: the bounds
     or, as the trace keeps them, their signs (bool)."""
-    on = pre_lower > 0  # bool masks: autograd keeps 1 byte per unit for the products, not 4, and they run faster
-    undecided = (pre_upper > 0) & ~on
+    # bool masks: autograd keeps 1 byte per unit for the products, not 4, and they run faster; the trace's masks are
+    # used as they are (`bool > 0` would convert them to a wider type first)
+    on = pre_lower if pre_lower.dtype == torch.bool else pre_lower > 0
+    undecided = (pre_upper if pre_upper.dtype == torch.bool else pre_upper > 0) & ~on
     return gl * on + gl.clamp(max=0) * undecided, gu * on + gu.clamp(min=0) * undecided
 
 

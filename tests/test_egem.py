@@ -369,7 +369,7 @@ def test_selection_picks_strongest_alpha_within_slack(points_module, monkeypatch
     monkeypatch.setattr(egem, "weighted_accuracy", accuracy)
     grids = []  # the α scores come from one shared pass (`_grid_accuracies`): the table stands in for it
 
-    def grid_accuracies(refined, split, points, grid, candidates, *args):
+    def grid_accuracies(refined, split, grid, candidates, *args):
         grids.append(list(grid))
         return [table[a] for a in grid]
 
@@ -479,8 +479,8 @@ def test_fit_egem_end_to_end_on_decoy_digits(points_module, digits_setup, method
 
 
 def test_alpha_selection_runs_the_prefix_once_and_equals_one_pass_per_alpha(points_module, digits_setup):
-    """The α-independent layers before the first refinement point run once per validation batch, not once per α;
-    every α's accuracy equals a full `weighted_accuracy` pass over the model with that α's patches (the previous
+    """The α-independent layers before the first patched refinement point run once per validation batch, not once
+    per α; every α's accuracy equals a full `weighted_accuracy` pass over the model with that α's patches (the previous
     implementation), so the selection is the same."""
     from modelfix.repair.patches import attach_patch, remove_patches
     from modelfix.repair.refinement import weighted_accuracy
@@ -491,8 +491,8 @@ def test_alpha_selection_runs_the_prefix_once_and_equals_one_pass_per_alpha(poin
     model, data, split = digits_setup
     cf = counterfactual_set(split.val, parse_artifact(data.info["artifact"]), seed=0)
     config = EgemConfig(layers="pool1,flatten,relu3", batch_size=16, counterfactual=cf)
-    calls = []
-    handle = model.net.conv1.register_forward_hook(lambda *args: calls.append(1))
+    calls = []  # conv2 follows pool1, the first point, which the triangular schedule leaves alone for every α < 1
+    handle = model.net.conv2.register_forward_hook(lambda *args: calls.append(1))
     try:
         refined, trace = fit_egem(model, split, config, progress=False)
     finally:

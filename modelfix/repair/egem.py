@@ -481,17 +481,19 @@ def _layer_rows(layers: list[dict]) -> list[dict]:
     return [{k: v for k, v in layer.items() if k != "patch"} for layer in layers]
 
 
-def _grid_accuracies(refined: nn.Module, split: RefinementSplit, points: list, grid: list[float],
-                     candidates: list[list[dict]], method: str, val_orig: float, batch_size: int,
-                     progress: bool, cf: Dataset | None = None) -> list[float]:
+def _grid_accuracies(refined: nn.Module, split: RefinementSplit, grid: list[float], candidates: list[list[dict]],
+                     method: str, val_orig: float, batch_size: int, progress: bool,
+                     cf: Dataset | None = None) -> list[float]:
     """Validation accuracy of each α's refinement (with `cf`: its counterfactual score, `score_model`, instead).
-    The layers before the first refinement point do not depend on α: on a Sequential net their output is computed
-    once per batch and only the rest runs per α (`evaluate.predict_variants`; the same predictions as one
+    The layers before the first point that any α patches do not depend on α (a point with τ ≥ 1 gets no patch:
+    the triangular schedule's first point for every α < 1): on a Sequential net their output is computed once per
+    batch and only the rest runs per α (`evaluate.predict_variants`; the same predictions as one
     `weighted_accuracy` or `score_model` pass per α). A candidate without any patch (every τ ≥ 1) is the original
     model: its score is `val_orig`, no pass."""
     net = refined.net
-    tops = [p.name.split(".")[0] for p in points]
-    start = min(list(net._modules).index(t) for t in tops) if isinstance(net, nn.Sequential) and all(tops) else 0
+    tops = {layer["name"].split(".")[0] for layers in candidates for layer in layers if layer["patch"] is not None}
+    names = list(net._modules) if isinstance(net, nn.Sequential) else []
+    start = min((names.index(t) for t in tops), default=0) if tops and tops <= set(names) else 0
 
     def variant(alpha, layers):
         def apply():
@@ -548,10 +550,10 @@ def fit_egem(
         cf = config.counterfactual
         cf_orig = None if cf is None else score_model(refined, cf, config.batch_size)
         candidates = [build_refinement(stats, points, alpha, config.schedule, method) for alpha in grid]
-        accs = _grid_accuracies(refined, split, points, grid, candidates, method, val_orig, config.batch_size,
+        accs = _grid_accuracies(refined, split, grid, candidates, method, val_orig, config.batch_size,
                                 progress)
         if cf is not None:  # the same shared passes over the counterfactual set
-            cf_scores = _grid_accuracies(refined, split, points, grid, candidates, method, cf_orig,
+            cf_scores = _grid_accuracies(refined, split, grid, candidates, method, cf_orig,
                                          config.batch_size, progress, cf)
         index, selection = selection_table("alpha", grid, accs, val_orig, config.slack, config.slack_mode)
         if cf is not None:

@@ -161,11 +161,12 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def training_layout(model: nn.Module) -> torch.memory_format:
-    """Channels-last for nets with a 2-D convolution, where torch's CPU convolutions and max-pooling run faster
-    (a training step measured 0.72× on tap-cnn, docs/benchmarks.md "Performance"); the standard layout otherwise.
-    The same numbers to float rounding either way."""
+    """Channels-last for nets with a 2-D convolution and no BatchNorm, the standard layout otherwise: measured
+    (docs/benchmarks.md "Performance"), an ERM step took 0.72× on tap-cnn (torch's NCHW max-pool is slow on the CPU)
+    but 1.15× on resnet18, whose train-mode BatchNorm runs slower in channels-last. The same numbers to float
+    rounding either way."""
     convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return torch.channels_last if convs else torch.contiguous_format
+    return torch.channels_last if convs and not _batchnorms(model) else torch.contiguous_format
 
 
 @torch.no_grad()

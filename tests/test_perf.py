@@ -419,7 +419,7 @@ def test_checksum_is_hashed_once_and_follows_every_change(monkeypatch):
 
 
 def test_training_in_channels_last_equals_the_standard_layout(monkeypatch):
-    """A conv net trains in channels-last (`training_layout`): the weights after two epochs equal those of the
+    """A conv net without BatchNorm trains in channels-last (`training_layout`): the weights after two epochs equal those of the
     standard layout to float rounding, and the model is handed back in the standard layout."""
     from torch import nn
 
@@ -428,6 +428,7 @@ def test_training_in_channels_last_equals_the_standard_layout(monkeypatch):
     from modelfix.zoo import Classifier
 
     assert training.training_layout(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) == torch.contiguous_format
+    assert training.training_layout(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))) == torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     data = Dataset(torch.rand(48, 2, 8, 8, generator=g), torch.randint(0, 3, (48,), generator=g))
 

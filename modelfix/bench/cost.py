@@ -2,8 +2,8 @@
 
 One step = `zero_grad` + the method's objective (forward, loss, penalty) + backward + optimiser step (Adam, as in
 methods_guided_finetunes.md §5), with model and batch in the memory layout `training.train` uses
-(`training_layout`: channels-last on conv nets without BatchNorm). Every method gets its own copy of the same freshly initialised model and the same
-random batch (pixels U(0, 1), random labels, a 4×4 top-left mask on every image). Methods are timed in interleaved
+(`training_layout`: channels-last on conv nets without BatchNorm). Every method gets its own copy of the same
+freshly initialised model and the same random batch (pixels U(0, 1), random labels, a 4×4 top-left mask on every image). Methods are timed in interleaved
 rounds (one step of each method per round, after `warmup` rounds) so that drift of a shared, noisy CPU hits every
 method alike; the reported time is the median over the timed rounds. `retrain` is not measured: its step is an
 ERM step (it only changes optimiser settings). Each method first takes one untimed step (optimiser state is
@@ -195,7 +195,7 @@ def _run_arch(arch: str, methods: tuple, repeats: int, warmup: int, batch_size: 
     torch.manual_seed(0)
     base = _model(arch, dev)
     batch = _batch(arch, batch_size, dev)
-    layout = training_layout(base)  # the step as `training.train` runs it (channels-last on conv nets)
+    layout = training_layout(base)  # the step as `training.train` runs it
     base.to(memory_format=layout)
     batch["x"] = batch["x"].to(memory_format=layout)
     runners, rows = {}, {}

@@ -6,9 +6,9 @@ methods_guided_finetunes.md §5), with model and batch in the memory layout `tra
 freshly initialised model and the same random batch (pixels U(0, 1), random labels, a 4×4 top-left mask on every
 image). Methods are timed in interleaved rounds (one step of each method per round, after `warmup` rounds) so that
 drift of a shared, noisy CPU hits every method alike; the reported time is the median over the timed rounds.
-`retrain` is not measured: its step is an ERM step (it only changes optimiser settings). Each method first takes one untimed step (optimiser state is
-allocated there); a method that fails on an arch (TAP without conv feature maps, RBR's third-order pass through a
-train-mode BatchNorm) is reported with its error instead of numbers.
+`retrain` is not measured: its step is an ERM step (it only changes optimiser settings). Each method first takes
+one untimed step (optimiser state is allocated there); a method that fails on an arch (TAP without conv feature
+maps, RBR's third-order pass through a train-mode BatchNorm) is reported with its error instead of numbers.
 
 Peak memory of one step, after the timed rounds, in a separate profiled step:
 - CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, taken right after `zero_grad`;

@@ -51,6 +51,52 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     return distributed.concat_shards(out)
 
 
+def predict_variants(model: nn.Module, x: torch.Tensor, variants: list, start: int = 0, batch_size: int = 512,
+                     on_batch=None) -> list[torch.Tensor]:
+    """`[predict(model, x, batch_size)` with each variant applied`]`, sharing every batch's prefix: each variant (a
+    callable that changes the model and returns a callable undoing it, e.g. attaching patches) may change only the
+    top-level children of `model.net` (an `nn.Sequential`) from index `start` on, so the input normalisation and the
+    children before `start` run once per batch and only the rest per variant. The same ops on the same tensors in
+    the same layout as `predict`, so the same predictions. `start` 0 (or a net that is not a Sequential) runs the
+    whole net per variant."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    net = model.net
+    children = list(net._modules.values()) if isinstance(net, nn.Sequential) and start > 0 else []
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    layout = torch.channels_last if convs else torch.contiguous_format
+    rows = distributed.shard_indices(len(x))
+    outs = [torch.empty(len(rows), dtype=torch.long) for _ in variants]
+    try:
+        if convs:
+            _convert(model, torch.channels_last)
+        with torch.inference_mode():
+            for first in range(0, len(rows), batch_size):
+                part = x[rows.start + first : rows.start + min(first + batch_size, len(rows))]
+                z = part.to(device).contiguous(memory_format=layout)
+                z = (z - model.mean) / model.std
+                for child in children[:start]:
+                    z = child(z)
+                for out, variant in zip(outs, variants):
+                    undo = variant()
+                    try:
+                        logits = z
+                        for child in children[start:]:
+                            logits = child(logits)
+                        logits = logits if children else net(z)
+                    finally:
+                        undo()
+                    out[first : first + batch_size] = logits.argmax(1).cpu()
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        if convs:
+            _convert(model, torch.contiguous_format)
+        model.train(was_training)
+    return [distributed.concat_shards(out) for out in outs]
+
+
 def _convert(model: nn.Module, layout: torch.memory_format) -> None:
     """The weights in `layout`, made outside inference mode even when the caller is in it: weights created there
     would be inference tensors, and the model could no longer be trained."""

@@ -160,6 +160,15 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def training_layout(model: nn.Module) -> torch.memory_format:
+    """Channels-last for nets with a 2-D convolution and no BatchNorm, the standard layout otherwise: measured
+    (docs/benchmarks.md "Performance"), an ERM step took 0.72× on tap-cnn (torch's NCHW max-pool is slow on the CPU)
+    but 1.15× on resnet18, whose train-mode BatchNorm runs slower in channels-last. The same numbers to float
+    rounding either way."""
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if convs and not _batchnorms(model) else torch.contiguous_format
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
     """Plain accuracy in eval mode; the model's train/eval state is restored afterwards."""
@@ -239,6 +248,8 @@ def train(
     seed_everything(config.seed + rank)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
+    layout = training_layout(model)
+    model.to(memory_format=layout)  # back to the standard layout when training ends
     frozen = _batchnorms(model) if config.freeze_bn else []
     frozen_params = {id(p) for bn in frozen for p in bn.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
@@ -264,6 +275,7 @@ def train(
             seen = 0
             for step, (batch, n) in enumerate(epoch_batches(data, config.batch_size, shuffle_gen), 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
+                batch["x"] = batch["x"].to(memory_format=layout)
                 mine = len(batch["y"])
                 loss, parts = objective(model, batch) if mine else (torch.zeros((), device=device), {})
                 if world > 1:  # backward on this block, then the global batch's gradient, loss and parts
@@ -312,6 +324,7 @@ def train(
                 on_epoch_end(epoch, model)
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import sys
@@ -366,6 +367,13 @@ def test_selection_picks_strongest_alpha_within_slack(points_module, monkeypatch
     table = {a: 1.0 for a in ALPHA_GRID} | {0.2: 0.90, 0.1: 0.96, 1e-2: 0.5, 1e-3: 0.5, 1e-4: 0.5, 1e-5: 0.94}
     accuracy, calls = _fake_accuracy(table)
     monkeypatch.setattr(egem, "weighted_accuracy", accuracy)
+    grids = []  # the α scores come from one shared pass (`_grid_accuracies`): the table stands in for it
+
+    def grid_accuracies(refined, split, grid, candidates, *args):
+        grids.append(list(grid))
+        return [table[a] for a in grid]
+
+    monkeypatch.setattr(egem, "_grid_accuracies", grid_accuracies)
     model, split = _tiny_split()
     refined, trace = fit_egem(model, split, EgemConfig(layers=["relu1"], slack=0.05), progress=False)
 
@@ -373,7 +381,7 @@ def test_selection_picks_strongest_alpha_within_slack(points_module, monkeypatch
     assert [row["passed"] for row in trace["selection"]] == [table[a] >= 0.95 for a in sorted(ALPHA_GRID, reverse=True)]
     assert trace["alpha"] == 0.1 and trace["val_acc"] == 0.96 and trace["selected_by"] == "slack"
     assert trace["val_orig"] == 1.0 and trace["points"] == ["relu1"]
-    assert len(calls) == 1 + len(ALPHA_GRID) - 1  # val_orig, then every α but the identity 1.0
+    assert len(calls) == 1 and grids == [sorted(ALPHA_GRID, reverse=True)]  # val_orig, then the whole grid at once
     [entry] = patch_entries(refined)
     assert entry["target"] == "relu1" and entry["alpha"] == 0.1 and entry["method"] == "egem"
     assert entry["tau"] == 0.1 and abs(entry["mean_factor"] - 0.1) <= 1e-4
@@ -468,3 +476,44 @@ def test_fit_egem_end_to_end_on_decoy_digits(points_module, digits_setup, method
     with torch.no_grad():
         out = refined(data.x[:4])
     assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_alpha_selection_runs_the_prefix_once_and_equals_one_pass_per_alpha(points_module, digits_setup):
+    """The α-independent layers before the first patched refinement point run once per validation batch, not once
+    per α; every α's accuracy equals a full `weighted_accuracy` pass over the model with that α's patches (the previous
+    implementation), so the selection is the same."""
+    from modelfix.repair.patches import attach_patch, remove_patches
+    from modelfix.repair.refinement import weighted_accuracy
+
+    from modelfix.data import parse_artifact
+    from modelfix.repair.counterfactual import counterfactual_set, score_model
+
+    model, data, split = digits_setup
+    cf = counterfactual_set(split.val, parse_artifact(data.info["artifact"]), seed=0)
+    config = EgemConfig(layers="pool1,flatten,relu3", batch_size=16, counterfactual=cf)
+    calls = []  # conv2 follows pool1, the first point, which the triangular schedule leaves alone for every α < 1
+    handle = model.net.conv2.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        refined, trace = fit_egem(model, split, config, progress=False)
+    finally:
+        handle.remove()
+    batches = lambda n: -(-n // 16)  # noqa: E731
+    # find_points' dry run, statistics over the fit part, the original's validation and counterfactual passes, then
+    # one shared pass over each for the whole grid (it was one pass per α: 2 × 13 more here)
+    assert len(calls) == 1 + batches(len(split.fit)) + 2 * batches(len(split.val)) + 2 * batches(len(cf))
+
+    stats_model = copy.deepcopy(model).eval()
+    points = list(points_module.find_points(stats_model, config.layers))
+    stats = egem.collect_stats(stats_model, split.fit, split.fit_counts, points, False, "sum", 16, False)
+    expected, expected_cf = [], []
+    for row in trace["selection"]:
+        layers = egem.build_refinement(stats, points, row["alpha"], "triangular", "egem")
+        for layer in layers:
+            if layer["patch"] is not None:
+                attach_patch(stats_model, layer["name"], layer["patch"], {})
+        expected.append(weighted_accuracy(stats_model, split.val, split.val_counts, 16))
+        expected_cf.append(score_model(stats_model, cf, 16))
+        remove_patches(stats_model)
+    assert [row["val_acc"] for row in trace["selection"]] == expected
+    assert [row["cf_worst"] for row in trace["selection"]] == expected_cf and len(set(expected_cf)) > 2
+    assert len(set(expected)) > 2  # the grid really changes the predictions

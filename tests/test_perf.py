@@ -259,6 +259,9 @@ def test_refinement_split_predicts_part_of_the_pool_and_equals_the_full_predicti
         oracle.seen = 0
         split = refinement_split(model, data, samples_per_class=40, seed=seed, approved=approved, batch_size=32)
         assert oracle.seen == split.summary["predicted"] < len(data)  # stopped early (class 1 sets the pace)
+        # items of a class with 40 usable already are skipped: about 40/0.8 per class plus class 1's 25, where the
+        # walk used to predict nearly the whole pool while it looked for class 1
+        assert split.summary["predicted"] <= 3 * 40 / 0.7 + 25 + 32, split.summary["predicted"]
         fit, fit_c, val, val_c = _full_prediction_split(model, data, 40, seed, approved)
         ids = lambda d: d.x[:, 0, 1, 1].long()  # noqa: E731
         assert torch.equal(ids(split.fit), fit) and torch.equal(ids(split.val), val)
@@ -380,3 +383,100 @@ def test_conv_gradient_bounds_and_their_parameter_gradients_equal_the_plain_refe
     torch.testing.assert_close(nu, ru, rtol=1e-5, atol=1e-6)
     for a, b in zip(ng, rg):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- checksum once -------------------------------------------------------------------------------------------------
+
+
+def test_checksum_is_hashed_once_and_follows_every_change(monkeypatch):
+    import hashlib
+
+    import modelfix.data.dataset as dataset_module
+
+    real = hashlib.sha256
+
+    def by_hand(d):
+        digest = real()
+        for t in (d.x, d.y, d.mask):
+            digest.update(np.ascontiguousarray(t.numpy()).data)
+        return digest.hexdigest()[:16]
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(6, 1, 4, 4, generator=g), torch.tensor([0, 1, 0, 1, 0, 1]))
+    calls = []
+    monkeypatch.setattr(dataset_module.hashlib, "sha256", lambda: calls.append(1) or real())
+    first = data.checksum()
+    assert first == by_hand(data) and data.checksum() == first and len(calls) == 1  # the second call is remembered
+    data.x[0, 0, 0, 0] += 1  # in place: the version moves, the checksum is computed again
+    assert data.checksum() == by_hand(data) != first and len(calls) == 2
+    data.mask = torch.ones_like(data.mask)  # a new tensor object
+    assert data.checksum() == by_hand(data) and len(calls) == 3
+    copy = data.subset([0, 1, 2])
+    assert copy.checksum() == by_hand(copy) and len(calls) == 4
+
+
+# ---- channels-last training ----------------------------------------------------------------------------------------
+
+
+def test_training_in_channels_last_equals_the_standard_layout(monkeypatch):
+    """A conv net without BatchNorm trains in channels-last (`training_layout`): the weights after two epochs equal those of the
+    standard layout to float rounding, and the model is handed back in the standard layout."""
+    from torch import nn
+
+    from modelfix import training
+    from modelfix.card import InputSpec
+    from modelfix.zoo import Classifier
+
+    assert training.training_layout(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) == torch.contiguous_format
+    assert training.training_layout(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))) == torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(48, 2, 8, 8, generator=g), torch.randint(0, 3, (48,), generator=g))
+
+    def fit(layout_of):
+        monkeypatch.setattr(training, "training_layout", layout_of)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(45, 3))
+        model = Classifier(net, InputSpec(2, 8, 8, (0.5, 0.5), (0.25, 0.25)))
+        config = training.TrainConfig(optimizer="adam", lr=1e-2, batch_size=16, epochs=2, seed=0)
+        seen = []  # the layout each training step's second conv saw
+        net[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        training.train(model, data, config, progress=False)
+        return model, set(seen)
+
+    real = training.training_layout
+    (fast, fast_seen), (plain, plain_seen) = fit(real), fit(lambda m: torch.contiguous_format)
+    assert real(fast) == torch.channels_last and fast_seen == {False} and plain_seen == {True}
+    torch.manual_seed(0)
+    start = nn.Conv2d(2, 6, 3).weight  # the first layer's initial weights: training moved them
+    assert not torch.allclose(plain.net[0].weight, start, atol=1e-3)
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert a.is_contiguous(), name
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+# ---- a post-hoc command end to end ---------------------------------------------------------------------------------
+
+
+def test_posthoc_cost_times_the_whole_command_against_one_forward_pass(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from modelfix.bench.posthoc_cost import run
+    from modelfix.card import ModelCard
+    from modelfix.checkpoint import write_checkpoint
+    from modelfix.zoo import build_model, default_input_spec
+
+    spec = dataclasses.replace(default_input_spec("egem-cnn"), height=16, width=16)
+    card = ModelCard(arch="egem-cnn", num_classes=2, input=spec)
+    torch.manual_seed(0)
+    write_checkpoint(build_model(card), card, tmp_path / "m.safetensors", tmp_path / "m.card.json")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "clean.npz", x=rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8), y=np.repeat([0, 1], 20))
+    result = run(tmp_path / "m.safetensors", str(tmp_path / "clean.npz"), samples_per_class=10, keep_incorrect=True,
+                 repeats=1, extra=("--layers", "relu3"))
+    assert result["items"] == 2 * 10  # the oversampled refinement set: 8 fit + 2 validation items per class
+    assert len(result["command_s"]) == 2 and len(result["forward_s"]) == 2  # one untimed first run, then repeats
+    forward = sum(result["forward_s"]) / 2  # the median of two
+    assert result["ratio"] == pytest.approx(result["command_s"][1] / forward)
+    assert not list(Path(tmp_path).glob("out*"))  # the command wrote into a temporary folder

@@ -1,13 +1,14 @@
 """`modelfix bench cost`: time and peak memory of one training step per guided fine-tune, relative to ERM.
 
 One step = `zero_grad` + the method's objective (forward, loss, penalty) + backward + optimiser step (Adam, as in
-methods_guided_finetunes.md §5). Every method gets its own copy of the same freshly initialised model and the same
-random batch (pixels U(0, 1), random labels, a 4×4 top-left mask on every image). Methods are timed in interleaved
-rounds (one step of each method per round, after `warmup` rounds) so that drift of a shared, noisy CPU hits every
-method alike; the reported time is the median over the timed rounds. `retrain` is not measured: its step is an
-ERM step (it only changes optimiser settings). Each method first takes one untimed step (optimiser state is
-allocated there); a method that fails on an arch (TAP without conv feature maps, RBR's third-order pass through a
-train-mode BatchNorm) is reported with its error instead of numbers.
+methods_guided_finetunes.md §5), with model and batch in the memory layout `training.train` uses
+(`training_layout`: channels-last on conv nets without BatchNorm). Every method gets its own copy of the same
+freshly initialised model and the same random batch (pixels U(0, 1), random labels, a 4×4 top-left mask on every
+image). Methods are timed in interleaved rounds (one step of each method per round, after `warmup` rounds) so that
+drift of a shared, noisy CPU hits every method alike; the reported time is the median over the timed rounds.
+`retrain` is not measured: its step is an ERM step (it only changes optimiser settings). Each method first takes
+one untimed step (optimiser state is allocated there); a method that fails on an arch (TAP without conv feature
+maps, RBR's third-order pass through a train-mode BatchNorm) is reported with its error instead of numbers.
 
 Peak memory of one step, after the timed rounds, in a separate profiled step:
 - CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, taken right after `zero_grad`;
@@ -38,6 +39,7 @@ from torch import nn
 from ..card import ModelCard
 from ..errors import ModelfixError
 from ..repair.methods import get_method, make_objective
+from ..training import training_layout
 from ..zoo import build_model, default_input_spec
 
 METHODS = ("erm", "erm-l2", "tap", "rrr", "rbr", "r4-cert", "ibp-ex", "ibp-ex-rrr", "pgd-ex", "smooth-rrr", "r4-rand",
@@ -193,6 +195,9 @@ def _run_arch(arch: str, methods: tuple, repeats: int, warmup: int, batch_size: 
     torch.manual_seed(0)
     base = _model(arch, dev)
     batch = _batch(arch, batch_size, dev)
+    layout = training_layout(base)  # the step as `training.train` runs it
+    base.to(memory_format=layout)
+    batch["x"] = batch["x"].to(memory_format=layout)
     runners, rows = {}, {}
     for name in methods:
         try:

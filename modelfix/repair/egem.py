@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
+from modelfix.evaluate import predict_variants
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
 from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, score_model,
-                                            select_counterfactual)
+                                            select_counterfactual, worst_group)
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 
@@ -480,6 +481,40 @@ def _layer_rows(layers: list[dict]) -> list[dict]:
     return [{k: v for k, v in layer.items() if k != "patch"} for layer in layers]
 
 
+def _grid_accuracies(refined: nn.Module, split: RefinementSplit, grid: list[float], candidates: list[list[dict]],
+                     method: str, val_orig: float, batch_size: int, progress: bool,
+                     cf: Dataset | None = None) -> list[float]:
+    """Validation accuracy of each α's refinement (with `cf`: its counterfactual score, `score_model`, instead).
+    The layers before the first point that any α patches do not depend on α (a point with τ ≥ 1 gets no patch:
+    the triangular schedule's first point for every α < 1): on a Sequential net their output is computed once per
+    batch and only the rest runs per α (`evaluate.predict_variants`; the same predictions as one
+    `weighted_accuracy` or `score_model` pass per α). A candidate without any patch (every τ ≥ 1) is the original
+    model: its score is `val_orig`, no pass."""
+    net = refined.net
+    tops = {layer["name"].split(".")[0] for layers in candidates for layer in layers if layer["patch"] is not None}
+    names = list(net._modules) if isinstance(net, nn.Sequential) else []
+    start = min((names.index(t) for t in tops), default=0) if tops and tops <= set(names) else 0
+
+    def variant(alpha, layers):
+        def apply():
+            keys = _attach(refined, layers, alpha, method)
+            return lambda: [remove_patch(refined, key) for key in keys]
+        return apply
+
+    patched = [i for i, layers in enumerate(candidates) if any(layer["patch"] is not None for layer in layers)]
+    val = split.val if cf is None else cf
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{method} α selection", total=(len(val) + batch_size - 1) // batch_size)
+        preds = predict_variants(refined, val.x, [variant(grid[i], candidates[i]) for i in patched], start,
+                                 batch_size, on_batch=lambda: bar.advance(task))
+    counts = split.val_counts.double()
+    accs = [val_orig] * len(grid)
+    for i, pred in zip(patched, preds):
+        accs[i] = (float(((pred == val.y).double() * counts).sum() / counts.sum()) if cf is None
+                   else worst_group(pred, cf))
+    return accs
+
+
 def fit_egem(
     model: nn.Module, split: RefinementSplit, config: EgemConfig, progress: bool = True
 ) -> tuple[nn.Module, dict]:
@@ -511,23 +546,15 @@ def fit_egem(
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
-        accs, cf_scores = [], []
+        cf_scores: list[float] = []
         cf = config.counterfactual
         cf_orig = None if cf is None else score_model(refined, cf, config.batch_size)
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"{method} α selection", total=len(grid))
-            for alpha in grid:
-                layers = build_refinement(stats, points, alpha, config.schedule, method)
-                keys = _attach(refined, layers, alpha, method)
-                try:  # no patch (every τ ≥ 1) is the original model: no pass needed
-                    accs.append(val_orig if not keys else weighted_accuracy(refined, split.val, split.val_counts,
-                                                                            config.batch_size))
-                    if cf is not None:
-                        cf_scores.append(cf_orig if not keys else score_model(refined, cf, config.batch_size))
-                finally:
-                    for key in keys:
-                        remove_patch(refined, key)
-                bar.advance(task)
+        candidates = [build_refinement(stats, points, alpha, config.schedule, method) for alpha in grid]
+        accs = _grid_accuracies(refined, split, grid, candidates, method, val_orig, config.batch_size,
+                                progress)
+        if cf is not None:  # the same shared passes over the counterfactual set
+            cf_scores = _grid_accuracies(refined, split, grid, candidates, method, cf_orig,
+                                         config.batch_size, progress, cf)
         index, selection = selection_table("alpha", grid, accs, val_orig, config.slack, config.slack_mode)
         if cf is not None:
             index = select_counterfactual(cf_scores, accs, val_orig, config.slack, config.slack_mode)

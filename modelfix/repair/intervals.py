@@ -207,10 +207,9 @@ def _forward(module: nn.Module, name: str, lower: torch.Tensor, upper: torch.Ten
     elif isinstance(module, nn.Conv2d):
         kind = "conv"
         pad = _conv_padding(name, module)
-        c, r = (lower + upper) / 2, (upper - lower) / 2
+        c, r = _conv_layout((lower + upper) / 2), _conv_layout((upper - lower) / 2)
         args = (module.stride, pad, module.dilation, module.groups)
         c, r = F.conv2d(c, module.weight, module.bias, *args), F.conv2d(r, module.weight.abs(), None, *args)
-        c, r = _conv_layout(c), _conv_layout(r)
         out = (c - r, c + r)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         kind = "bn"
@@ -297,8 +296,10 @@ def _relu_backward(gl: torch.Tensor, gu: torch.Tensor, pre_lower: torch.Tensor, 
     and 0. The same numbers as the min/max of the four end products, written as products with 0/1 masks: on a conv
     net the four-way stack (and torch.where) took a third of a Cert-R4 step. `pre_lower`, `pre_upper`: the bounds
     or, as the trace keeps them, their signs (bool)."""
-    on = pre_lower > 0  # bool masks: autograd keeps 1 byte per unit for the products, not 4, and they run faster
-    undecided = (pre_upper > 0) & ~on
+    # bool masks: autograd keeps 1 byte per unit for the products, not 4, and they run faster; the trace's masks are
+    # used as they are (`bool > 0` would convert them to a wider type first)
+    on = pre_lower if pre_lower.dtype == torch.bool else pre_lower > 0
+    undecided = (pre_upper if pre_upper.dtype == torch.bool else pre_upper > 0) & ~on
     return gl * on + gl.clamp(max=0) * undecided, gu * on + gu.clamp(min=0) * undecided
 
 
@@ -357,7 +358,7 @@ def _conv_layout(t: torch.Tensor) -> torch.Tensor:
     """Interval bounds of conv and pool layers run in the channels-last layout: torch's CPU max-pool, sum-pool and
     nearest upsampling are several times faster there than in NCHW (max-pool 7× at tap-cnn's 100×28×28), and one
     layout throughout keeps the elementwise ops of both passes on contiguous memory. A no-op when t has it."""
-    return t.contiguous(memory_format=torch.channels_last)
+    return t.to(memory_format=torch.channels_last)  # not .contiguous(): that keeps NCHW strides when C = 1
 
 
 _PIXELWISE = ("normalise", "flatten", "identity")  # steps that keep each input feature where it is

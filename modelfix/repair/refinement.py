@@ -73,10 +73,11 @@ def refinement_split(
     - per class: the first N usable samples in a seeded order of the pool, `ceil(val_fraction·n)` of them to
       validation, then each part oversampled to `N − ceil(val_fraction·N)` and `ceil(val_fraction·N)` items.
 
-    The pool is predicted batch by batch in that order and the walk stops once every class has N usable samples
-    or none left, so a large pool is predicted only as far as the split needs (on MNIST's 55,904 clean images
-    and N = 700, about an eighth); the result is the one a prediction of the whole pool would give. The summary's
-    `correct` and `pool_accuracy` count the predicted items (`predicted` of them).
+    The pool is predicted batch by batch in that order, skipping items of classes that have N usable samples
+    already, and the walk stops once every class has N usable samples or none left, so a large pool is predicted
+    only as far as the split needs (about N per class over the accuracy); the result is the one a prediction of
+    the whole pool would give. The summary's `correct` and `pool_accuracy` count the predicted items (`predicted`
+    of them).
     """
     if samples_per_class < 2:
         raise DataError(f"--samples-per-class must be at least 2, got {samples_per_class}")
@@ -91,11 +92,19 @@ def refinement_split(
     left = torch.bincount(data.y[order], minlength=k_classes)  # items of each class not walked yet
     found = torch.zeros(k_classes, dtype=torch.long)  # usable items of each class found so far
     usable, predicted, correct = [], 0, 0
-    for start in range(0, len(order), batch_size):
-        if bool(((found >= samples_per_class) | (left == 0)).all()):
+    start = 0
+    while start < len(order):
+        need = (found < samples_per_class) & (left > 0)
+        if not bool(need.any()):
             break
-        idx = order[start:start + batch_size]
-        left -= torch.bincount(data.y[idx], minlength=k_classes)
+        # The next `batch_size` items of classes that still need samples: an item of a class that has N already
+        # can never be chosen, so it is not predicted (a rare class no longer drags the whole pool through).
+        window = order[start:start + 8 * batch_size]
+        wanted = need[data.y[window]].nonzero().squeeze(1)[:batch_size]
+        end = int(wanted[-1]) + 1 if len(wanted) == batch_size else len(window)
+        left -= torch.bincount(data.y[window[:end]], minlength=k_classes)
+        start += end
+        idx = window[wanted]
         if not keep_incorrect:
             ok = predict(model, data.x[idx], batch_size) == data.y[idx]
             predicted, correct = predicted + len(idx), correct + int(ok.sum())

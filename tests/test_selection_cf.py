@@ -16,7 +16,7 @@ from modelfix.data import parse_artifact
 from modelfix.data.dataset import Dataset
 from modelfix.errors import TrainingFailed
 from modelfix.repair.counterfactual import (NO_ARTIFACT, counterfactual_set, cut_artifact, holdout,
-                                            select_counterfactual, worst_group)
+                                            CounterfactualScore, group_score, select_counterfactual, worst_group)
 from modelfix.repair.finetune import calibrate_lambda, finetune
 from modelfix.repair.lastlayer import RefitConfig, fit_refit
 from modelfix.repair.refinement import split_for_repair
@@ -51,6 +51,27 @@ def test_counterfactual_rule_picks_the_best_worst_group_within_the_slack():
 def test_counterfactual_rule_ties_and_nothing_passing():
     assert select_counterfactual([0.5, 0.5, 0.5], [0.90, 0.95, 0.95], 0.95, 0.05) == 1  # tie: higher clean, earlier
     assert select_counterfactual([0.2, 0.9], [0.5, 0.4], 1.0, 0.05) == 0  # none passes: the first (weakest)
+
+
+def test_a_tie_at_zero_worst_group_goes_to_the_better_mean_over_groups():
+    # every candidate still fails one group entirely (worst 0): the mean over groups decides, not the weakest
+    scores = [CounterfactualScore(0.0, 0.40), CounterfactualScore(0.0, 0.55), CounterfactualScore(0.0, 0.50)]
+    assert select_counterfactual(scores, [0.95, 0.94, 0.95], 0.95, 0.05) == 1
+    # a better worst group still wins over any mean
+    scores.append(CounterfactualScore(0.1, 0.30))
+    assert select_counterfactual(scores, [0.95, 0.94, 0.95, 0.93], 0.95, 0.05) == 3
+
+
+def test_group_score_by_hand():
+    val = labelled()  # classes of 4, 5, 6 items
+    cf = counterfactual_set(val, parse_artifact("pixels:tag,value=1,target=2"), seed=3)
+    pasted = cf.info["poisoned"]
+    pred = val.y.clone()
+    pred[(val.y == 0) & pasted] = 2  # group "a + artifact" (2 items) all wrong
+    pred[torch.nonzero((val.y == 2) & ~pasted).flatten()[0]] = 0  # group "c" (3 unpasted items): 2 of 3 right
+    # six groups: 0, 1, 1, 1, 2/3, 1 → worst 0, mean (0 + 4 + 2/3) / 6
+    score = group_score(pred, cf)
+    assert score.worst == 0.0 and score.mean == pytest.approx((4 + 2 / 3) / 6, abs=1e-12)
 
 
 # ---- the counterfactual set -----------------------------------------------------------------------------------------

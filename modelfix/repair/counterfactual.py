@@ -5,7 +5,9 @@ clean accuracy alone (the papers' slack rule, best validation accuracy) cannot t
 set is the validation items with the artifact pasted on half of each class, with a random colour for label-coloured
 artifacts (`poison(..., labels="random")`, which also ignores a `target` class); its groups are class × artifact
 pasted. A candidate's counterfactual score is its worst-group accuracy there (a shortcut model fails the pasted
-items of every class but the artifact's); the rule keeps the candidates whose clean validation accuracy passes the
+items of every class but the artifact's), ties broken by the mean accuracy over the groups (when every candidate
+still fails one group entirely, worst-group accuracy is 0 for all of them and says nothing; the mean still sees
+which candidate moved the other groups); the rule keeps the candidates whose clean validation accuracy passes the
 slack against a reference and picks the best counterfactual score among them (ties: higher clean accuracy, then the
 earlier, weaker candidate).
 
@@ -21,7 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -127,14 +129,29 @@ def counterfactual_set(val: Dataset, artifact: Artifact, seed: int = 0) -> Datas
                    group_names=names, name=f"{val.name} (counterfactual)", info=info)
 
 
+class CounterfactualScore(NamedTuple):
+    """Worst-group accuracy on the counterfactual set, then the mean over its groups; compared in that order."""
+
+    worst: float
+    mean: float
+
+
 def worst_group(pred: Tensor, cf: Dataset) -> float:
     """Worst-group accuracy of predictions `pred` on the counterfactual set (groups class × pasted)."""
     return metrics(pred, cf)["worst_group_accuracy"]
 
 
-def score_model(model: nn.Module, cf: Dataset, batch_size: int = 256) -> float:
-    """A model's counterfactual score: its worst-group accuracy on `cf`."""
-    return worst_group(predict(model, cf.x, batch_size), cf)
+def group_score(pred: Tensor, cf: Dataset) -> CounterfactualScore:
+    """The counterfactual score of predictions `pred`: worst-group and mean-over-groups accuracy (groups present)."""
+    hits = (pred.cpu() == cf.y).double()
+    groups = cf.group
+    means = [float(hits[groups == g].mean()) for g in torch.unique(groups).tolist()]
+    return CounterfactualScore(min(means), sum(means) / len(means))
+
+
+def score_model(model: nn.Module, cf: Dataset, batch_size: int = 256) -> CounterfactualScore:
+    """A model's counterfactual score on `cf` (`group_score` of its predictions)."""
+    return group_score(predict(model, cf.x, batch_size), cf)
 
 
 def pasted_accuracy(model: nn.Module, cf: Dataset, batch_size: int = 256) -> float:
@@ -147,17 +164,19 @@ def pasted_accuracy(model: nn.Module, cf: Dataset, batch_size: int = 256) -> flo
     return float((pred == cf.y[pasted]).double().mean())
 
 
-def select_counterfactual(cf_scores: Sequence[float], clean_scores: Sequence[float], reference: float, slack: float,
-                          mode: str = "relative") -> int:
-    """Index of the best counterfactual score among the candidates whose clean score passes the slack against
-    `reference`; ties go to the higher clean score, then the earlier candidate. 0 when none passes."""
+def select_counterfactual(cf_scores: Sequence[float | CounterfactualScore], clean_scores: Sequence[float],
+                          reference: float, slack: float, mode: str = "relative") -> int:
+    """Index of the best counterfactual score (a `CounterfactualScore`, compared worst group first, or a plain
+    float) among the candidates whose clean score passes the slack against `reference`; ties go to the higher
+    clean score, then the earlier candidate. 0 when none passes."""
     if not cf_scores or len(cf_scores) != len(clean_scores):
         raise ValueError("one counterfactual and one clean score per candidate are needed")
+    keys = [tuple(s) if isinstance(s, tuple) else (s,) for s in cf_scores]
     eligible = [i for i, clean in enumerate(clean_scores) if passes(clean, reference, slack, mode)
-                and math.isfinite(cf_scores[i])]
+                and all(math.isfinite(v) for v in keys[i])]
     if not eligible:
         return 0
-    return max(eligible, key=lambda i: (cf_scores[i], clean_scores[i], -i))
+    return max(eligible, key=lambda i: (keys[i], clean_scores[i], -i))
 
 
 def rule_name(slack: float, mode: str = "relative") -> str:

@@ -34,8 +34,8 @@ from modelfix.evaluate import predict_variants
 from modelfix.progress import progress_bar
 from modelfix.repair.patches import ChannelScale, PCAffine, PCASumRatio, attach_patch, remove_patch
 from modelfix.repair.refinement import RefinementSplit, weighted_accuracy
-from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, score_model,
-                                            select_counterfactual, worst_group)
+from modelfix.repair.counterfactual import (check_rule, group_score, posthoc_counterfactual, rule_name, score_model,
+                                            select_counterfactual)
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
 
@@ -511,7 +511,7 @@ def _grid_accuracies(refined: nn.Module, split: RefinementSplit, grid: list[floa
     accs = [val_orig] * len(grid)
     for i, pred in zip(patched, preds):
         accs[i] = (float(((pred == val.y).double() * counts).sum() / counts.sum()) if cf is None
-                   else worst_group(pred, cf))
+                   else group_score(pred, cf))
     return accs
 
 
@@ -546,7 +546,7 @@ def fit_egem(
     selection: list[dict] = []
     if config.alpha is None:
         grid = sorted({float(a) for a in config.grid}, reverse=True)  # weakest first
-        cf_scores: list[float] = []
+        cf_scores: list = []
         cf = config.counterfactual
         cf_orig = None if cf is None else score_model(refined, cf, config.batch_size)
         candidates = [build_refinement(stats, points, alpha, config.schedule, method) for alpha in grid]
@@ -559,7 +559,7 @@ def fit_egem(
         if cf is not None:
             index = select_counterfactual(cf_scores, accs, val_orig, config.slack, config.slack_mode)
             for row, score in zip(selection, cf_scores):
-                row["cf_worst"] = score
+                row.update(cf_worst=score.worst, cf_mean=score.mean)
         alpha, val_acc = grid[index], accs[index]
         selected_by = "slack" if cf is None else "counterfactual"
         layers = build_refinement(stats, points, alpha, config.schedule, method)

@@ -21,8 +21,8 @@ from ..data import Dataset
 from ..errors import ModelfixError, TrainingFailed
 from ..training import TaskObjective, TrainConfig, accuracy, task_loss, train
 from ..progress import log_event
-from .counterfactual import (NO_ARTIFACT, NO_ARTIFACT_WARNING, counterfactual_set, find_artifact, holdout,
-                             pasted_accuracy, rule_name, score_model, select_counterfactual)
+from .counterfactual import (NO_ARTIFACT, NO_ARTIFACT_WARNING, CounterfactualScore, counterfactual_set,
+                             find_artifact, holdout, pasted_accuracy, rule_name, score_model, select_counterfactual)
 from .registry import Method, check_options, get_method, make_objective, register, register_runner
 
 SELECT_BY = ("counterfactual", "accuracy", "loss", "paper")  # paper = accuracy, the papers' rule
@@ -207,7 +207,7 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
         if val is not None:
             run["val_accuracy"] = accuracy(candidate, val)
         if counterfactual is not None:
-            run["cf_worst_group"] = score_model(candidate, counterfactual)
+            run["cf_worst_group"], run["cf_group_mean"] = score_model(candidate, counterfactual)
             run["cf_pasted_accuracy"] = pasted_accuracy(candidate, counterfactual)
         runs.append(run)
         models.append(candidate)
@@ -227,7 +227,8 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
             # the slack's reference is the best run's clean accuracy: the starting model may read the shortcut on
             # the validation data (a slice of shortcut training data), so its accuracy there is no reference
             reference = max(runs[i]["val_accuracy"] for i in alive)
-            picked = select_counterfactual([runs[i]["cf_worst_group"] for i in alive],
+            picked = select_counterfactual([CounterfactualScore(runs[i]["cf_worst_group"], runs[i]["cf_group_mean"])
+                                            for i in alive],
                                            [runs[i]["val_accuracy"] for i in alive], reference, slack)
             chosen = alive[picked]
         else:

@@ -29,8 +29,8 @@ from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.progress import progress_bar
-from modelfix.repair.counterfactual import (check_rule, posthoc_counterfactual, rule_name, select_counterfactual,
-                                            worst_group)
+from modelfix.repair.counterfactual import (check_rule, group_score, posthoc_counterfactual, rule_name,
+                                            select_counterfactual)
 from modelfix.repair.refinement import RefinementSplit
 from modelfix.repair.registry import method
 from modelfix.repair.selection import check_slack, selection_table
@@ -314,10 +314,10 @@ def fit_refit(model: nn.Module, split: RefinementSplit, config: RefitConfig,
         index, selection = selection_table("lambda", grid, accs, val_orig, config.slack, config.slack_mode)
         selected_by = "slack"
         if cf is not None:
-            cf_scores = [worst_group((cf_features @ w.T + b).argmax(1), cf) for w, b, _ in solutions]
+            cf_scores = [group_score((cf_features @ w.T + b).argmax(1), cf) for w, b, _ in solutions]
             index = select_counterfactual(cf_scores, accs, val_orig, config.slack, config.slack_mode)
             for row, value in zip(selection, cf_scores):
-                row["cf_worst"] = value
+                row.update(cf_worst=value.worst, cf_mean=value.mean)
             selected_by = "counterfactual"
         lam = grid[index]
         weight, bias, val_acc = solutions[index]

@@ -49,7 +49,9 @@ def choose_epochs(grid, accs, cf_scores, val_orig: float, slack: float, slack_mo
     if cf_scores is not None:
         index = select_counterfactual(cf_scores, accs, val_orig, slack, slack_mode)
         for row, score in zip(rows, cf_scores):
-            row["cf_worst"] = score
+            row["cf_worst"] = score[0] if isinstance(score, tuple) else score
+            if isinstance(score, tuple):
+                row["cf_mean"] = score.mean
     return index, rows
 
 
@@ -67,7 +69,7 @@ def fit_retrain(model: nn.Module, split: RefinementSplit, config: RetrainConfig,
     cf = None if artifact is None else counterfactual_set(split.val, artifact, config.seed)
     snapshots: dict[int, dict] = {}
     scores: dict[int, float] = {}
-    cf_scores: dict[int, float] = {}
+    cf_scores: dict = {}
 
     def snapshot(epoch: int, current: nn.Module) -> None:
         if epoch in grid:

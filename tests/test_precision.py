@@ -168,3 +168,54 @@ def test_augmented_training_stream_keeps_each_mask_on_its_bright_square():
             assert bool((img[0][marked] > 0.25).all()), f"item {i}: mask pixels off the square"
             moved += int(not torch.equal(m, data.mask[i]))
     assert moved >= n // 2  # most items were really cropped or flipped
+
+
+# ---- the commands ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    """`train --method rrr --precision bf16 --augment`, one epoch: the options reach the run and the card."""
+    import json
+
+    from cli_helpers import run
+
+    from modelfix.checkpoint import load_model
+
+    out = tmp_path_factory.mktemp("precision") / "m.safetensors"
+    result = run("train", "--method", "rrr", "--data", "decoy-digits:train", "--epochs", "1", "--precision", "bf16",
+                 "--augment", "--device", "cpu", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads(result.stdout)["config"]
+    assert (config["precision"], config["augment"]) == ("bf16", True)
+    _, card = load_model(out)
+    assert (card.history[-1]["config"]["precision"], card.history[-1]["config"]["augment"]) == ("bf16", True)
+    return out
+
+
+def test_evaluate_and_explain_run_under_bf16_and_say_so(bf16_model, tmp_path):
+    import json
+
+    from cli_helpers import run
+
+    result = run("evaluate", bf16_model, "--data", "decoy-digits:test", "--precision", "bf16", "--device", "cpu",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["precision"] == "bf16" and 0 <= doc["levels"][0]["accuracy"] <= 1
+    result = run("explain", bf16_model, "--data", "decoy-digits:test", "--method", "gradient", "--limit", "4",
+                 "--precision", "bf16", "--device", "cpu", "-o", tmp_path / "maps", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "evaluate", "explain"])
+def test_fp16_on_cpu_is_one_line_exit_2_and_nothing_written(bf16_model, tmp_path, command):
+    from cli_helpers import assert_one_line_error, run
+
+    out = tmp_path / "out"
+    model = [] if command == "train" else [bf16_model]
+    result = run(command, *model, "--data", "decoy-digits:test", "--precision", "fp16", "--device", "cpu",
+                 *([] if command == "evaluate" else ["-o", out]))
+    assert_one_line_error(result, "fp16 needs a CUDA device", "bf16")
+    assert list(tmp_path.iterdir()) == []

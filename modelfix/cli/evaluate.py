@@ -81,17 +81,16 @@ def evaluate(
     artifact_spec = artifact or card.artifact
     art = parse_artifact(artifact_spec) if artifact_spec else None
     modes = tuple(part.strip() for part in labels.split(",") if part.strip())
-    with amp:  # the predictions (and --explain's attributions) under autocast; --fragility's bounds stay float32
+    with amp:  # the predictions and --explain's attributions under autocast; --fragility's bounds stay float32
         evaluation = run_evaluation(model, dataset, art, levels=levels, labels=modes, seed=seed, batch_size=batch_size)
-    results = results_document(
-        "evaluate",
-        {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
-        data_info(spec, dataset),
-        evaluation,
-    )
-    results["distributed"], results["precision"] = describe_world(), precision
-    if explain is not None:
-        with autocast(precision, model.mean.device):
+        results = results_document(
+            "evaluate",
+            {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
+            data_info(spec, dataset),
+            evaluation,
+        )
+        results["distributed"], results["precision"] = describe_world(), precision
+        if explain is not None:
             results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
     if fragility is not None:
         from ..fragility import fragility_of_test

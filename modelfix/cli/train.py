@@ -56,8 +56,7 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write 
 
 def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
             schedule: dict | None = None, device: str = "cpu"):
-    """TrainConfig: its own defaults < the method's `train_defaults` < what the user passed (None: not passed); a
-    precision the device lacks (fp16 off CUDA) is refused here, before anything is read or written."""
+    """TrainConfig: defaults < the method's `train_defaults` < what the user passed; fp16 off CUDA refused here."""
     from ..precision import check_precision
     from ..training import TrainConfig
 

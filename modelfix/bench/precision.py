@@ -3,9 +3,9 @@
 
 1. Speed and memory. One training step (zero_grad, the objective under `precision.autocast`, backward, Adam step) of
    each method on torchvision resnet18 at 3×224×224 (random init, a random batch, a 32×32 top-left mask on every
-   image), once per precision, each (method, precision) with its own copy of the same model. The steps are timed in
-   interleaved rounds (one step of every pair per round, after `warmup` rounds) so that the drift of a shared CPU
-   hits all pairs alike; the median over rounds is reported, and bf16 / fp32 per method. Peak memory: tensor bytes
+   image), once per precision, each (method, precision) with its own copy of the same model. Method by method, the
+   precisions' steps are timed in interleaved rounds (one step of each per round, after `warmup` rounds) so that
+   the drift of a shared CPU hits them alike; the median over rounds is reported, and bf16 / fp32 per method. Peak memory: tensor bytes
    held at the step's peak (as `bench cost`: on CPU the profiler's running total of bytes allocated during one
    step plus what is held at its start; on CUDA `max_memory_allocated`).
 2. Accuracy. The demo's shortcut model (`modelfix demo`: egem-cnn trained with fp32 ERM on tagged-digits, where it
@@ -104,31 +104,36 @@ class Stepper:
 
 def speed(methods=METHODS, precisions=("fp32", "bf16"), batch_size: int = 8, size: int = 224, repeats: int = 5,
           warmup: int = 1, device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Rows {method, precision, step_ms, peak_mb, time_vs_fp32, memory_vs_fp32} (module docstring, part 1)."""
+    """Rows {method, precision, step_ms, peak_mb, time_vs_fp32, memory_vs_fp32} (module docstring, part 1). One
+    method at a time, its precisions interleaved: only that method's model copies are held (the CPU's memory is
+    shared), and the ratio to fp32 compares steps taken side by side."""
     torch.manual_seed(0)
     spec = dataclasses.replace(default_input_spec("resnet18"), height=size, width=size)
     base = build_model(ModelCard(arch="resnet18", num_classes=10, input=spec)).to(device).train()
     batch = _batch(batch_size, size, device)
-    steppers = {(m, p): Stepper(m, p, copy.deepcopy(base), batch, device) for m in methods for p in precisions}
-    times: dict = {key: [] for key in steppers}
-    for round_ in range(warmup + repeats):
-        for key, stepper in steppers.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            stepper.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_ >= warmup:
-                times[key].append(time.perf_counter() - start)
-    rows = {key: {"method": key[0], "precision": key[1], "step_ms": 1000 * statistics.median(times[key]),
-                  "step_ms_all": [1000 * t for t in times[key]], "peak_mb": steppers[key].peak_bytes() / 2**20}
-            for key in steppers}
-    for (method, precision), row in rows.items():
-        ref = rows.get((method, "fp32"))
-        row["time_vs_fp32"] = row["step_ms"] / ref["step_ms"] if ref else None
-        row["memory_vs_fp32"] = row["peak_mb"] / ref["peak_mb"] if ref else None
-    return list(rows.values())
+    rows = []
+    for method in methods:
+        steppers = {p: Stepper(method, p, copy.deepcopy(base), batch, device) for p in precisions}
+        times: dict = {p: [] for p in precisions}
+        for round_ in range(warmup + repeats):
+            for precision, stepper in steppers.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                stepper.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if round_ >= warmup:
+                    times[precision].append(time.perf_counter() - start)
+        mine = [{"method": method, "precision": p, "step_ms": 1000 * statistics.median(times[p]),
+                 "step_ms_all": [1000 * t for t in times[p]], "peak_mb": steppers[p].peak_bytes() / 2**20}
+                for p in precisions]
+        for row in mine:
+            row["time_vs_fp32"] = row["step_ms"] / mine[0]["step_ms"]  # precisions[0] is fp32 (checked by run)
+            row["memory_vs_fp32"] = row["peak_mb"] / mine[0]["peak_mb"]
+        rows += mine
+        del steppers
+    return rows
 
 
 def accuracy(methods=METHODS, precisions=("fp32", "bf16"), seeds=(0, 1, 2), epochs: int = 3,
@@ -171,26 +176,29 @@ def accuracy(methods=METHODS, precisions=("fp32", "bf16"), seeds=(0, 1, 2), epoc
             "summary": summary}
 
 
-def run(methods=METHODS, precisions=("fp32", "bf16"), repeats: int = 5, seeds: int = 3, device: str = "cpu",
+def run(methods=METHODS, precisions=None, repeats: int = 5, seeds: int = 3, device: str = "cpu",
         batch_size: int = 8, size: int = 224, warmup: int = 1, threads: int | None = 1, epochs: int = 3,
         skip_speed: bool = False) -> dict:
-    """Both parts (`seeds` 0: speed only); `threads` sets torch's intra-op threads for the run (None: as is)."""
+    """Both parts (`seeds` 0: speed only); `precisions` default fp32 and bf16, and fp16 on CUDA; `threads` sets
+    torch's intra-op threads for the run (None: as is)."""
+    if precisions is None:
+        precisions = ("fp32", "bf16", "fp16") if torch.device(device).type == "cuda" else ("fp32", "bf16")
     for name in methods:
         if name not in METHODS:
             raise ModelfixError(f"--methods: unknown method '{name}' (one of {', '.join(METHODS)})")
     for precision in precisions:
         check_precision(precision, device)
-    if "fp32" not in precisions:
-        raise ModelfixError("--precisions must include fp32 (the reference)")
+    if precisions[0] != "fp32":
+        raise ModelfixError("the first precision must be fp32 (the reference)")
     if min(repeats, batch_size, size, epochs) < 1 or seeds < 0 or warmup < 0:
-        raise ModelfixError("--repeats must be at least 1 and --seeds at least 0")
+        raise ModelfixError("--repeats and --batch-size must be at least 1, --seeds at least 0")
     dev = torch.device(device)
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         result = {"device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "precisions": list(precisions), "timing": "median over interleaved rounds"}
+                  "precisions": list(precisions), "timing": "median over rounds, the precisions of a method interleaved"}
         if not skip_speed:
             result["speed"] = {"arch": "resnet18", "input": [3, size, size], "batch_size": batch_size,
                                "repeats": repeats, "warmup": warmup,
@@ -209,7 +217,7 @@ def render(result: dict) -> str:
         s = result["speed"]
         c, h, w = s["input"]
         lines += [f"resnet18 {c}×{h}×{w}, batch {s['batch_size']}, {result['device']}, {result['threads']} thread(s), "
-                  f"median of {s['repeats']} interleaved steps", "",
+                  f"median of {s['repeats']} steps (precisions interleaved)", "",
                   "| method | precision | step ms | × fp32 time | peak MB | × fp32 memory |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['precision']} | {r['step_ms']:.0f} | {r['time_vs_fp32']:.2f} | "
                   f"{r['peak_mb']:.0f} | {r['memory_vs_fp32']:.2f} |" for r in s["rows"]]

@@ -267,14 +267,14 @@ def bench_scale(
 @handles_errors
 def bench_precision(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: erm, tap, rrr, r4-cert.")] = "erm,tap,rrr,r4-cert",
-    precisions: Annotated[str, typer.Option("--precisions", help="fp32 and those compared with it: bf16; fp16 on CUDA.")] = "fp32,bf16",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="resnet18 batch of the speed part.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method and precision (median).")] = 5,
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tunes per method and precision (0: speed only).")] = 3,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """bf16 (fp16) against fp32, on the GPU if any: resnet18 step time and memory at 224, the demo's fine-tunes."""
+    """bf16 (and fp16 on CUDA) against fp32, on the GPU if any: resnet18 step time and memory, the demo's fine-tunes."""
     from ..bench.precision import render, run
-    result = run(_names(methods, "--methods"), _names(precisions, "--precisions"), repeats, seeds, device_name("auto"))
+    result = run(_names(methods, "--methods"), repeats=repeats, seeds=seeds, batch_size=batch_size, device=device_name("auto"))
     if not _write_json(output, result, json_output):
         out.print(render(result), highlight=False)

@@ -219,3 +219,33 @@ def test_fp16_on_cpu_is_one_line_exit_2_and_nothing_written(bf16_model, tmp_path
                  *([] if command == "evaluate" else ["-o", out]))
     assert_one_line_error(result, "fp16 needs a CUDA device", "bf16")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs CUDA (none here)")
+def test_fp16_training_on_cuda_scales_the_loss_and_keeps_the_rrr_penalty_in_float32():
+    model, data = tiny_model().cuda(), tiny_data()
+    objective = make_objective("rrr", model, lam=1.0)
+    batch = {k: v.cuda() for k, v in batch_of(data).items()}
+    reference = float(objective.terms(model, batch)[1])
+    with autocast("fp16", "cuda"):
+        task, penalty = objective.terms(model, batch)
+    assert relative(float(penalty.detach()), reference) <= FP32_TOL
+    result = train(model, data, TrainConfig(epochs=2, batch_size=3, lr=1e-2, precision="fp16"), objective,
+                   progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_bench_precision_smoke():
+    """The benchmark's speed part on a 32×32 resnet18 (one step each): one row per method and precision, fp32 the
+    reference, and its Markdown table."""
+    from modelfix.bench.precision import render, run
+
+    result = run(methods=("erm", "rrr"), repeats=1, seeds=0, batch_size=2, size=32, warmup=0)
+    rows = result["speed"]["rows"]
+    assert [(r["method"], r["precision"]) for r in rows] == [("erm", "fp32"), ("erm", "bf16"), ("rrr", "fp32"),
+                                                              ("rrr", "bf16")]
+    assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    assert rows[1]["time_vs_fp32"] == pytest.approx(rows[1]["step_ms"] / rows[0]["step_ms"])
+    assert "| rrr | bf16 |" in render(result) and "accuracy" not in result
+    with pytest.raises(ModelfixError, match="fp16 needs a CUDA device"):
+        run(precisions=("fp32", "fp16"), seeds=0, device="cpu")

@@ -275,6 +275,6 @@ def bench_precision(
 ) -> None:
     """bf16 (and fp16 on CUDA) against fp32, on the GPU if any: resnet18 step time and memory, the demo's fine-tunes."""
     from ..bench.precision import render, run
-    result = run(_names(methods, "--methods"), repeats=repeats, seeds=seeds, batch_size=batch_size, device=device_name("auto"))
+    result = run(_names(methods, "--methods"), repeats=repeats, seeds=seeds, batch_size=batch_size, device=device_name("auto"), threads=None)
     if not _write_json(output, result, json_output):
         out.print(render(result), highlight=False)

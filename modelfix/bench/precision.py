@@ -177,10 +177,9 @@ def accuracy(methods=METHODS, precisions=("fp32", "bf16"), seeds=(0, 1, 2), epoc
 
 
 def run(methods=METHODS, precisions=None, repeats: int = 5, seeds: int = 3, device: str = "cpu",
-        batch_size: int = 8, size: int = 224, warmup: int = 1, threads: int | None = 1, epochs: int = 3,
-        skip_speed: bool = False) -> dict:
-    """Both parts (`seeds` 0: speed only); `precisions` default fp32 and bf16, and fp16 on CUDA; `threads` sets
-    torch's intra-op threads for the run (None: as is)."""
+        batch_size: int = 8, size: int = 224, warmup: int = 1, threads: int | None = 1, epochs: int = 3) -> dict:
+    """Both parts (`repeats` 0: accuracy only, `seeds` 0: speed only); `precisions` default fp32 and bf16, and fp16
+    on CUDA; `threads` sets torch's intra-op threads for the run (None: as is)."""
     if precisions is None:
         precisions = ("fp32", "bf16", "fp16") if torch.device(device).type == "cuda" else ("fp32", "bf16")
     for name in methods:
@@ -190,8 +189,8 @@ def run(methods=METHODS, precisions=None, repeats: int = 5, seeds: int = 3, devi
         check_precision(precision, device)
     if precisions[0] != "fp32":
         raise ModelfixError("the first precision must be fp32 (the reference)")
-    if min(repeats, batch_size, size, epochs) < 1 or seeds < 0 or warmup < 0:
-        raise ModelfixError("--repeats and --batch-size must be at least 1, --seeds at least 0")
+    if min(batch_size, size, epochs) < 1 or min(repeats, seeds, warmup) < 0:
+        raise ModelfixError("--batch-size must be at least 1, --repeats and --seeds at least 0")
     dev = torch.device(device)
     old = torch.get_num_threads()
     if threads is not None:
@@ -199,7 +198,7 @@ def run(methods=METHODS, precisions=None, repeats: int = 5, seeds: int = 3, devi
     try:
         result = {"device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "precisions": list(precisions), "timing": "median over rounds, the precisions of a method interleaved"}
-        if not skip_speed:
+        if repeats:
             result["speed"] = {"arch": "resnet18", "input": [3, size, size], "batch_size": batch_size,
                                "repeats": repeats, "warmup": warmup,
                                "rows": speed(methods, precisions, batch_size, size, repeats, warmup, dev)}

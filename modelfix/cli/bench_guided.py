@@ -268,7 +268,7 @@ def bench_scale(
 def bench_precision(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: erm, tap, rrr, r4-cert.")] = "erm,tap,rrr,r4-cert",
     batch_size: Annotated[int, typer.Option("--batch-size", help="resnet18 batch of the speed part.")] = 8,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method and precision (median).")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method and precision (median; 0: accuracy only).")] = 5,
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tunes per method and precision (0: speed only).")] = 3,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
     json_output: JsonOpt = False,

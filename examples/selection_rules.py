@@ -6,6 +6,7 @@ one shortcut model per case, everything else the same.
     python examples/selection_rules.py rgb-disc
     python examples/selection_rules.py decoy-digits
     python examples/selection_rules.py egem-mnist      # needs MODELFIX_DATA (the MNIST idx files)
+    python examples/selection_rules.py egem-mnist egem,rgem   # only these repairs
 
 Cases:
 - `tagged-digits`: the `modelfix demo` shortcut (egem-cnn, ERM on the embedded tagged digits, the tag on 8s); the
@@ -121,7 +122,7 @@ def measure(model, test, artifact) -> tuple[float, float]:
     return rows[0]["accuracy"], rows[1]["accuracy"]
 
 
-def main(case: str) -> None:
+def main(case: str, methods: tuple[str, ...] = ("egem", "rgem", "rrr")) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -131,7 +132,7 @@ def main(case: str) -> None:
         clean, poisoned = measure(model, test, artifact)
         print(f"| {case} | original | – | – | {100 * clean:.1f} | {100 * poisoned:.1f} | "
               f"{time.perf_counter() - start:.0f} s |", flush=True)
-        for method in ("egem", "rgem", "rrr"):
+        for method in methods:
             for rule in ("paper", "counterfactual"):
                 start = time.perf_counter()
                 if method == "rrr":
@@ -148,4 +149,5 @@ def main(case: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tagged-digits")
+    chosen = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("egem", "rgem", "rrr")
+    main(sys.argv[1] if len(sys.argv) > 1 else "tagged-digits", chosen)

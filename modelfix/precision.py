@@ -1,8 +1,11 @@
-"""Mixed precision for the training loop: an autocast context and a gradient scaler per precision.
+"""Mixed precision for the training loop and inference: an autocast context and a gradient scaler per precision.
 
 `fp32` is plain float32 (a no-op context). `bf16` autocasts to bfloat16 on CUDA and CPU; its exponent range is
 float32's, so it needs no loss scaling. `fp16` autocasts to float16 on CUDA only, with a `GradScaler` against
 underflowing gradients; CPU float16 autocast is refused (slow and unsupported for many ops).
+
+`full_precision` switches autocast off again inside a block: the guided penalties compute their second-order terms
+(input gradients differentiated again, interval bounds) there, in float32 (docs/finetunes.md, "Mixed precision").
 """
 
 from __future__ import annotations
@@ -43,3 +46,15 @@ def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradSca
     `scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()`."""
     device = check_precision(precision, device)
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def full_precision(device: str | torch.device):
+    """Autocast off inside the block (float32 from float32 inputs), whatever the caller enabled: the place for terms
+    that must not be rounded to 16 bits (double backprop, whose inner gradient no loss scaler protects, and sound
+    interval bounds). Tensors made under autocast before the block keep their dtype."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
+def autocast_enabled(device: str | torch.device) -> bool:
+    """Whether an autocast context is active for `device`'s type."""
+    return torch.is_autocast_enabled(torch.device(device).type)

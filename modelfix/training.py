@@ -20,7 +20,10 @@ from torch import nn
 
 from . import distributed
 from .data import Dataset
+from .data.stream import augment_batch, batches
+from .data.transforms import Augment
 from .errors import ModelfixError, TrainingFailed
+from .precision import PRECISIONS, autocast, check_precision, grad_scaler
 from .progress import log_epoch, progress_bar
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -61,6 +64,10 @@ class TrainConfig:
     warmup_epochs: int = 0
     gamma: float = 0.975
     step_size: int = 10
+    # fp32 | bf16 | fp16: the forward and loss under autocast, fp16 with loss scaling (precision.py); the guided
+    # penalties keep their second-order terms in float32 (docs/finetunes.md, "Mixed precision")
+    precision: str = "fp32"
+    augment: bool = False  # random resized crop + horizontal flip of image and mask (data.transforms.Augment)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -85,6 +92,8 @@ class TrainConfig:
             raise ModelfixError(f"--gamma must be in (0, 1], not {self.gamma}")
         if self.step_size < 1:
             raise ModelfixError(f"--step-size must be at least 1, not {self.step_size}")
+        if self.precision not in PRECISIONS:
+            raise ModelfixError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,8 +205,10 @@ def check_divergence(epoch_loss: float, first_loss: float, num_classes: int, epo
                              f"{DIVERGENCE:g}× the first step's {first_loss:.4g}", hint="lower --lr or the penalty weight")
 
 
-def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
-    """One epoch's batches of this process, as `(batch, items in the global batch)`.
+def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator, augment: Augment | None = None,
+                  seed: int = 0):
+    """One epoch's batches of this process, as `(batch, items in the global batch)`; with `augment`, each item
+    augmented (image and mask alike) from (`seed`, its index) only, so the draws do not depend on the world size.
 
     One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch.
     Under torchrun every process draws the same permutation (same seed, same generator), cuts it into global batches
@@ -207,7 +218,9 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
     """
     rank, world = distributed.world()
     if world == 1:
-        for batch in data.batches(batch_size, shuffle=True, generator=generator):
+        stream = data.batches(batch_size, shuffle=True, generator=generator) if augment is None else \
+            batches(data, batch_size, shuffle=True, generator=generator, augment=augment, seed=seed)
+        for batch in stream:
             yield batch, len(batch["y"])
         return
     order = torch.randperm(len(data), generator=generator)  # the draw Dataset.batches makes
@@ -216,8 +229,9 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
         block = order[start:start + step]
         part = distributed.shard_indices(len(block), rank, world)
         mine = block[part.start:part.stop]
-        yield {"x": data.x[mine], "y": data.y[mine], "mask": data.mask[mine], "has_mask": data.has_mask[mine],
-               "group": data.group[mine], "index": mine}, len(block)
+        batch = {"x": data.x[mine], "y": data.y[mine], "mask": data.mask[mine], "has_mask": data.has_mask[mine],
+                 "group": data.group[mine], "index": mine}
+        yield (batch if augment is None else augment_batch(batch, augment, seed)), len(block)
 
 
 def train(
@@ -250,6 +264,9 @@ def train(
     device = next(model.parameters()).device
     layout = training_layout(model)
     model.to(memory_format=layout)  # back to the standard layout when training ends
+    check_precision(config.precision, device)  # fp16 off CUDA: one line before any step
+    scaler = grad_scaler(config.precision, device)  # enabled for fp16 only; a pass-through otherwise
+    augment = Augment() if config.augment else None
     frozen = _batchnorms(model) if config.freeze_bn else []
     frozen_params = {id(p) for bn in frozen for p in bn.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen_params]
@@ -273,15 +290,17 @@ def train(
                 group["lr"] = lr
             sums: dict[str, float] = {}
             seen = 0
-            for step, (batch, n) in enumerate(epoch_batches(data, config.batch_size, shuffle_gen), 1):
+            stream = epoch_batches(data, config.batch_size, shuffle_gen, augment, config.seed + epoch)
+            for step, (batch, n) in enumerate(stream, 1):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["x"] = batch["x"].to(memory_format=layout)
                 mine = len(batch["y"])
-                loss, parts = objective(model, batch) if mine else (torch.zeros((), device=device), {})
+                with autocast(config.precision, device):
+                    loss, parts = objective(model, batch) if mine else (torch.zeros((), device=device), {})
                 if world > 1:  # backward on this block, then the global batch's gradient, loss and parts
                     optimizer.zero_grad(set_to_none=True)
                     if mine:
-                        loss.backward()
+                        scaler.scale(loss).backward()
                     names = sorted(parts) or names_seen  # an empty block has no parts of its own
                     names_seen = names
                     totals = distributed.average_gradients(
@@ -300,10 +319,12 @@ def train(
                     first_loss = float(parts.get("task", last_finite))
                 if world == 1:
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                 if config.grad_clip:  # the norm of what the optimiser moves: frozen BatchNorm's gradients do not count
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+                scaler.update()
                 seen += n
                 sums["loss"] = sums.get("loss", 0.0) + last_finite * n
                 for name, value in parts.items():

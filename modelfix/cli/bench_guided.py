@@ -261,3 +261,20 @@ def bench_scale(
         table.add_row(row["method"], str(row["processes"]), str(row["global_batch"]), f"{row['seconds']:.2f}",
                       f"{row['items_per_s']:.0f}", f"{row['speedup']:.2f}")
     out.print(table)
+
+
+@bench_app.command("precision", epilog="Example: modelfix bench precision --repeats 5 --seeds 3 -o precision.json")
+@handles_errors
+def bench_precision(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: erm, tap, rrr, r4-cert.")] = "erm,tap,rrr,r4-cert",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="resnet18 batch of the speed part.")] = 8,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed steps per method and precision (median; 0: accuracy only).")] = 5,
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tunes per method and precision (0: speed only).")] = 3,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """bf16 (and fp16 on CUDA) against fp32, on the GPU if any: resnet18 step time and memory, the demo's fine-tunes."""
+    from ..bench.precision import render, run
+    result = run(_names(methods, "--methods"), repeats=repeats, seeds=seeds, batch_size=batch_size, device=device_name("auto"), threads=None)
+    if not _write_json(output, result, json_output):
+        out.print(render(result), highlight=False)

@@ -13,7 +13,7 @@ from ..app.resolve import (check_fits, data_info, default_test_split, device_nam
                            parse_floats)
 from ..errors import ModelfixError
 from .base import app, err, handles_errors, out
-from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, SeedOpt, checkpoint_options)
+from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, OverwriteOpt, PrecisionOpt, SeedOpt, checkpoint_options)
 
 
 @app.command(epilog="Example: modelfix evaluate runs/shortcut.safetensors --poison 0,1 --labels correlated,random")
@@ -36,6 +36,7 @@ def evaluate(
     overwrite: OverwriteOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
     reading: Optional[dict] = None,
@@ -45,6 +46,7 @@ def evaluate(
     from ..data import parse_artifact
     from ..distributed import describe as describe_world
     from ..evaluate import evaluate as run_evaluation
+    from ..precision import autocast
     from ..report import results_document, write_run
 
     levels = parse_floats(poison, "--poison")
@@ -65,6 +67,7 @@ def evaluate(
         check_method(explain)
         if explain_items < 0:
             raise ModelfixError(f"--explain-items must be >= 0 (0 = all items), not {explain_items}")
+    amp = autocast(precision, device_name(device))  # fp16 off CUDA: refused before anything is read or written
     plan = None
     if output_dir is not None:
         from ..app.outputs import OutputPlan
@@ -78,16 +81,17 @@ def evaluate(
     artifact_spec = artifact or card.artifact
     art = parse_artifact(artifact_spec) if artifact_spec else None
     modes = tuple(part.strip() for part in labels.split(",") if part.strip())
-    evaluation = run_evaluation(model, dataset, art, levels=levels, labels=modes, seed=seed, batch_size=batch_size)
-    results = results_document(
-        "evaluate",
-        {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
-        data_info(spec, dataset),
-        evaluation,
-    )
-    results["distributed"] = describe_world()
-    if explain is not None:
-        results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
+    with amp:  # the predictions and --explain's attributions under autocast; --fragility's bounds stay float32
+        evaluation = run_evaluation(model, dataset, art, levels=levels, labels=modes, seed=seed, batch_size=batch_size)
+        results = results_document(
+            "evaluate",
+            {"path": str(model_path), "sha256": sha256_file(model_path), "arch": card.arch, "num_classes": card.num_classes},
+            data_info(spec, dataset),
+            evaluation,
+        )
+        results["distributed"], results["precision"] = describe_world(), precision
+        if explain is not None:
+            results["reliance"] = _reliance(model, dataset, art, levels, modes, explain, explain_items, seed)
     if fragility is not None:
         from ..fragility import fragility_of_test
 

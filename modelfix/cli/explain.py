@@ -16,7 +16,7 @@ import typer
 from ..app.resolve import check_fits, data_info, default_test_split, device_name, load_checkpoint, load_dataset
 from ..errors import ModelfixError
 from .base import app, err, handles_errors, warn
-from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, SeedOpt, checkpoint_options)
+from .options import (data_options, DataRootOpt, DeviceOpt, JsonOpt, MasksOpt, PrecisionOpt, SeedOpt, checkpoint_options)
 
 SCHEMA = "modelfix.explain/v1"
 
@@ -72,6 +72,7 @@ def explain(
     data_root: DataRootOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     json_output: JsonOpt = False,
     checkpoint: Optional[dict] = None,
     reading: Optional[dict] = None,
@@ -87,6 +88,7 @@ def explain(
                                       default_composite, relevance_maps, resolve_targets)
     from ..explain.heatmap import check_cmap, colorize, image_png_bytes, save_png, write_bytes_atomic
     from ..explain.lrp import canonizers_for
+    from ..precision import autocast
     from ..progress import progress_bar
     from ..report import json_safe
 
@@ -108,6 +110,7 @@ def explain(
     if data is not None and Path(data).expanduser().exists():
         inputs.append(Path(data).expanduser())
     _check_output(output, inputs)
+    amp = autocast(precision, device_name(device))  # fp16 off CUDA: refused before anything is read or written
 
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     composite = composite or default_composite(model)
@@ -119,11 +122,12 @@ def explain(
     if n == 0:
         raise ModelfixError(f"data '{spec}' holds no items to explain")
 
-    targets = resolve_targets(model, subset.x, subset.y, target, batch_size=max(batch_size, 256))
-    t0 = time.perf_counter()
-    result = attribution_details(model, subset.x, targets, method=method, composite=composite, steps=steps,
-                                 samples=samples, noise=noise, layer=layer, batch_size=batch_size, progress=True,
-                                 seed=seed)
+    with amp:  # forward and backward passes under autocast; the maps come back float32
+        targets = resolve_targets(model, subset.x, subset.y, target, batch_size=max(batch_size, 256))
+        t0 = time.perf_counter()
+        result = attribution_details(model, subset.x, targets, method=method, composite=composite, steps=steps,
+                                     samples=samples, noise=noise, layer=layer, batch_size=batch_size, progress=True,
+                                     seed=seed)
     attribution_seconds = time.perf_counter() - t0
     maps = relevance_maps(result.values)
 
@@ -138,7 +142,7 @@ def explain(
         "canonizers": [type(c).__name__ for c in canonizers_for(model.net)] if method == "lrp" else None,
         "settings": {"method": method, "composite": composite, "target": target, "limit": limit, "cmap": cmap,
                      "steps": steps, "samples": samples, "noise": noise, "layer": layer, "batch_size": batch_size,
-                     "seed": seed, "device": str(model.mean.device)},
+                     "seed": seed, "device": str(model.mean.device), "precision": precision},
         "n": n,
         "targets": {"mode": target, "counts": torch.bincount(targets, minlength=card.num_classes).tolist()},
     }

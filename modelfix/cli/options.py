@@ -98,13 +98,15 @@ ScheduleOpt = Annotated[str, typer.Option("--schedule", help="Learning-rate sche
 WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", help="Epochs of linear learning-rate warm-up before the schedule.", rich_help_panel="Training")]
 GammaOpt = Annotated[float, typer.Option("--gamma", help="Decay factor per epoch (exponential) or per --step-epochs epochs (step).", rich_help_panel="Training")]
 StepEpochsOpt = Annotated[int, typer.Option("--step-epochs", help="Epochs per step of the step schedule.", rich_help_panel="Training")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast and loss scaling, CUDA only).", rich_help_panel="Runtime")]
+AugmentOpt = Annotated[bool, typer.Option("--augment", help="Random resized crop and horizontal flip of each training image with its mask.", rich_help_panel="Training")]
 SCHEDULE_OPTIONS = (("schedule", ScheduleOpt, "none"), ("warmup_epochs", WarmupOpt, 0), ("gamma", GammaOpt, 0.975),
-                    ("step_epochs", StepEpochsOpt, 10))
+                    ("step_epochs", StepEpochsOpt, 10), ("precision", PrecisionOpt, "fp32"), ("augment", AugmentOpt, False))
 
 
 def schedule_options(command: Callable) -> Callable:
-    """The learning-rate schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`), declared
-    once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
+    """The learning-rate schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`) and
+    `precision`, `augment`, declared once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
     def pack(values: dict) -> dict:
         step = values.pop("step_epochs")  # the CLI name: `step_size` is PGD's option already
         return {**values, "step_size": step}

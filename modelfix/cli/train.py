@@ -55,14 +55,17 @@ ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Also write 
 
 
 def _config(method, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
-            schedule: dict | None = None):
-    """TrainConfig: its own defaults < the method's `train_defaults` < what the user passed (None: not passed)."""
+            schedule: dict | None = None, device: str = "cpu"):
+    """TrainConfig: defaults < the method's `train_defaults` < what the user passed; fp16 off CUDA refused here."""
+    from ..precision import check_precision
     from ..training import TrainConfig
 
     given = {"optimizer": optimizer, "lr": lr, "grad_clip": grad_clip, "momentum": momentum,
              "weight_decay": weight_decay}
     fields = {**method.train_defaults, **{k: v for k, v in given.items() if v is not None}, **(schedule or {})}
-    return TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, loss=loss, select=select, **fields)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, loss=loss, select=select, **fields)
+    check_precision(config.precision, device_name(device))
+    return config
 
 
 def _hparams(method, layers, tap_norm, rrr_target, alpha=None, beta=None, crayon_loss=None, eps=None, samples=None,
@@ -198,7 +201,7 @@ def train(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
-                     schedule)
+                     schedule, device)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
     dev = device_name(device)
@@ -278,7 +281,7 @@ def finetune(
 
     entry = _finetune_method(method)
     config = _config(entry, optimizer, lr, epochs, batch_size, weight_decay, momentum, seed, loss, grad_clip, select,
-                     schedule)
+                     schedule, device)
     hparams = _hparams(entry, layers, tap_norm, rrr_target, alpha, beta, crayon_loss, eps, samples, steps, step_size, ramp,
                        eps_start)
     job = RepairJob("finetune", method, output, model_path, options=_options(config, hparams, lambdas, select_by),

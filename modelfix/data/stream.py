@@ -76,7 +76,8 @@ def _to(batch: dict, device: torch.device | None) -> dict:
     return batch
 
 
-def _augment_slice(batch: dict, augment: Augment, seed: int) -> dict:
+def augment_batch(batch: dict, augment: Augment, seed: int) -> dict:
+    """Each item of a batch augmented from (seed, its `index`), image and mask alike."""
     xs, masks = [], []
     for x, m, i in zip(batch["x"], batch["mask"], batch["index"].tolist()):
         x, m = augment(x, m, item_generator(seed, i))
@@ -115,7 +116,7 @@ def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False,
                       for s in (idx[i:i + batch_size] for i in range(0, stop, batch_size)))
         for batch in stream:
             if augment is not None:
-                batch = _augment_slice(batch, augment, seed)
+                batch = augment_batch(batch, augment, seed)
             yield _to(dict(batch), device)
         return
     loader = torch.utils.data.DataLoader(

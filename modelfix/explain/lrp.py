@@ -89,7 +89,8 @@ def explaining(model: nn.Module) -> Iterator[nn.Module]:
 
 def canonizers_for(net: nn.Module) -> list:
     """zennit canonizers by family: torchvision ResNet → `ResNetCanonizer` (BN merge + an explicit residual `Sum`),
-    VGG → `VGGCanonizer` (sequential BN merge); any other `nn.Sequential` with BN → `SequentialMergeBatchNorm`.
+    VGG → `VGGCanonizer` (sequential BN merge); timm ResNet and VGG → their timm twins (`timm_canonizers.py`); any
+    other `nn.Sequential` with BN → `SequentialMergeBatchNorm`.
 
     Other nets with BN get none: the sequential merge pairs Conv→BN by registration order, which is wrong for nets
     that register modules out of execution order (DenseNet's concatenations); their BN layers pass relevance
@@ -99,6 +100,12 @@ def canonizers_for(net: nn.Module) -> list:
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
+    if type(net).__module__.startswith("timm."):  # timm is imported only for its own networks
+        from modelfix.explain.timm_canonizers import timm_canonizers
+
+        found = timm_canonizers(net)
+        if found:
+            return found
     if isinstance(net, torchvision.models.ResNet):
         return [ResNetCanonizer()]
     if isinstance(net, torchvision.models.VGG):

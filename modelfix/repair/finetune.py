@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import ModelfixError, TrainingFailed
+from ..precision import check_precision
 from ..training import TaskObjective, TrainConfig, accuracy, task_loss, train
 from ..progress import log_event
 from .counterfactual import (NO_ARTIFACT, NO_ARTIFACT_WARNING, CounterfactualScore, counterfactual_set,
@@ -178,6 +179,7 @@ def finetune(model: nn.Module, data: Dataset, method: str, config: TrainConfig, 
         raise ModelfixError("--lambda with several values needs validation data to choose between them",
                             hint="pass --val, e.g. decoy-digits:val or a folder of held-out images")
     check_masks(entry, data)
+    check_precision(config.precision, next(model.parameters()).device)  # before the first run, not inside it
     runs, models = [], []
     for i, lam in enumerate(values):
         candidate = copy.deepcopy(model)

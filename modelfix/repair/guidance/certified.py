@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.precision import full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.pgd_ex import check_eps
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, network_input, pixel_mask
@@ -69,7 +70,9 @@ class CertR4(GuidedObjective):
         # most of the last backward product is skipped: intervals.interval_backward).
         weights = mask.expand_as(x).flatten(1)
         columns = weights.amax(0).nonzero().squeeze(1)
-        with eval_mode(model):  # bounds of the eval-mode function (BatchNorm running statistics)
+        # bounds of the eval-mode function (BatchNorm running statistics), in float32 under autocast: 16-bit rounding
+        # of the interval products would loosen the bounds, and they are differentiated once more
+        with eval_mode(model), full_precision(x.device):
             g_lower, g_upper = input_gradient_bounds(model, x, batch["y"], mask, self.eps, columns=columns)
         return (weights[:, columns] * (g_lower.abs() + g_upper.abs())).sum() / x.numel()
 
@@ -128,6 +131,10 @@ class IBPEx(GuidedObjective):
         mask, has = _masked_items(batch, x.dtype)
         if not bool(has.any()):
             return x.new_zeros(())
+        with full_precision(x.device):  # interval bounds and the input gradient in float32 (CertR4.penalty)
+            return self._penalty(model, x, y, mask, has)
+
+    def _penalty(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, has: torch.Tensor):
         with eval_mode(model):
             box = masked_box(x[has], mask[has], self.eps)
             z_lower, z_upper, _ = interval_forward(model, box.lower, box.upper)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from modelfix.errors import ModelfixError
 from modelfix.explain.gradcam import normalise_maps, saliency_maps
+from modelfix.precision import full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import check_weight
 from modelfix.repair.registry import objective
@@ -140,7 +141,8 @@ class CrayonAttention(GuidedObjective):
         use_no = no if self.beta > 0 else torch.zeros_like(no)
         if not bool(use_yes.any() or use_no.any()):
             return task, task.new_zeros(())
-        current = saliency_maps(model, x, y, self.layer, create_graph=True)
+        with full_precision(x.device):  # Grad-CAM's gradient is differentiated again: float32 under autocast
+            current = saliency_maps(model, x, y, self.layer, create_graph=True)
         if self.variant == "preprint":  # the released code leaves M' raw (module docstring)
             current = normalise_maps(current)
         original = self.maps[index].to(current.device, current.dtype)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.precision import full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, pixel_mask
 from modelfix.repair.registry import objective
@@ -144,9 +145,10 @@ class PGDEx(GuidedObjective):
 
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x* for masked items (`mask` N×H×W): PGD on their per-example task loss, in eval mode."""
+        """x* for masked items (`mask` N×H×W): PGD on their per-example task loss, in eval mode; in float32 under
+        autocast (a 16-bit gradient flips the sign of its small entries, and x* would not be the point fp32 finds)."""
         def objective(point: torch.Tensor) -> torch.Tensor:
-            with eval_mode(model):
+            with eval_mode(model), full_precision(point.device):
                 return per_example_loss(model(point), y, self.loss)
 
         return pgd_in_box(objective, x, mask[:, None], self.eps, self.steps, self.step_size)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelfix.precision import full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.pgd_ex import check_count, check_eps, check_step_size, pgd_in_box
 from modelfix.repair.guidance.rrr import check_weight, eval_mode, explained_scalar, pixel_mask
@@ -107,13 +108,16 @@ class _R4Objective(GuidedObjective):
         raise NotImplementedError
 
     def penalty(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """The batch mean over all N items; items without a mask are skipped (they add exactly 0)."""
+        """The batch mean over all N items; items without a mask are skipped (they add exactly 0). In float32 under
+        autocast: every term here is an input gradient differentiated again (and Adv-R4's PGD steps are Hessian-vector
+        products)."""
         x, y = batch["x"], batch["y"]
         mask = pixel_mask(batch, x.dtype)
         keep = mask.flatten(1).any(dim=1)
         if not bool(keep.any()):  # nothing to penalise: skip the double-backprop passes (exactly 0)
             return x.new_zeros(())
-        return self.masked_penalty(model, x[keep], y[keep], mask[keep]) / x.shape[0]
+        with full_precision(x.device):
+            return self.masked_penalty(model, x[keep], y[keep], mask[keep]) / x.shape[0]
 
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(task, penalty), both differentiable in θ."""

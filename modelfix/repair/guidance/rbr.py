@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from modelfix.errors import UnsupportedModel
+from modelfix.precision import full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.guidance.rrr import (TAP_SETUP, check_weight, explained_scalar, input_gradient, mode_invariant,
                                           network_input, pixel_mask)
@@ -70,7 +71,12 @@ class RBR(GuidedObjective):
 
 
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(task, penalty), both differentiable."""
+        """(task, penalty), both differentiable; in float32 under autocast (the task pass is also the one the
+        third-order influence term differentiates, so it cannot stay 16-bit)."""
+        with full_precision(batch["x"].device):
+            return self._terms(model, batch)
+
+    def _terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch["x"], batch["y"]
         mask = pixel_mask(batch, x.dtype)
         net, z = network_input(model, x)  # z requires grad before the forward pass that builds the task loss

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelfix.errors import ModelfixError
+from modelfix.precision import autocast_enabled, full_precision
 from modelfix.repair.guidance.base import GuidedObjective
 from modelfix.repair.registry import objective
 from modelfix.training import task_loss
@@ -112,8 +113,9 @@ def explained_scalar(logits: torch.Tensor, y: torch.Tensor, target: str, loss: s
 def input_gradient(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, target: str = "log-prob-sum", loss: str = "ce"
 ) -> torch.Tensor:
-    """∂T/∂z (N×C×H×W) from a second forward pass in eval mode, with `create_graph=True` (differentiable in θ)."""
-    with eval_mode(model):
+    """∂T/∂z (N×C×H×W) from a second forward pass in eval mode, with `create_graph=True` (differentiable in θ);
+    in float32 under autocast (a gradient differentiated again is not rounded to 16 bits)."""
+    with eval_mode(model), full_precision(x.device):
         net, z = network_input(model, x)
         scalar = explained_scalar(net(z), y, target, loss)
         (grad,) = torch.autograd.grad(scalar, z, create_graph=True)
@@ -165,7 +167,8 @@ class RRR(GuidedObjective):
         """(task, penalty), both differentiable; one shared forward pass on a mode-invariant model."""
         x, y = batch["x"], batch["y"]
         mask = pixel_mask(batch, x.dtype)
-        if not mode_invariant(model) or not bool(mask.any()):
+        if not mode_invariant(model) or not bool(mask.any()) or autocast_enabled(x.device):
+            # under autocast the task pass stays 16-bit and the penalty gets its own float32 pass
             return self.loss_fn(model(x), y), self.penalty(model, batch)
         net, z = network_input(model, x)
         logits = net(z)

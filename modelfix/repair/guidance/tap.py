@@ -63,7 +63,9 @@ def downscale_masks(mask: torch.Tensor, sizes: Sequence[int | tuple[int, int]]) 
 
 
 def tap_penalty(activations: Sequence[torch.Tensor], mask: torch.Tensor, norm: str = "squared") -> torch.Tensor:
-    """L_TAP for hooked activations (execution order, each N×C×h×w) and the pixel mask N×1×H×W (0 where none)."""
+    """L_TAP for hooked activations (execution order, each N×C×h×w) and the pixel mask N×1×H×W (0 where none).
+    Summed in float32: maps from an autocast forward are 16-bit, and squares summed over a map lose digits there."""
+    activations = [a.to(torch.promote_types(a.dtype, torch.float32)) for a in activations]
     masks = downscale_masks(mask.to(activations[0].dtype), [tuple(a.shape[-2:]) for a in activations])
     per_item = 0
     for a, m in zip(activations, masks):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import Dataset
+from .data import Dataset, ImageSource, batches
 from .errors import ModelfixError, TrainingFailed
 from .progress import log_epoch, progress_bar
 
@@ -61,6 +61,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     gamma: float = 0.975
     step_size: int = 10
+    # A cap on the optimiser steps of a run, for benchmarks and smoke runs (None: every epoch to its end). The
+    # shuffle still spans the whole data; the run stops after this many steps, inside an epoch if need be.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ModelfixError(f"--gamma must be in (0, 1], not {self.gamma}")
         if self.step_size < 1:
             raise ModelfixError(f"--step-size must be at least 1, not {self.step_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ModelfixError(f"--max-steps must be at least 1, not {self.max_steps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,13 +166,13 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Plain accuracy in eval mode; the model's train/eval state is restored afterwards."""
+def accuracy(model: nn.Module, data: Dataset | ImageSource, batch_size: int = 1000) -> float:
+    """Plain accuracy in eval mode (a lazy source streamed); the model's train/eval state is restored afterwards."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for batch in data.batches(batch_size):
+    for batch in batches(data, batch_size):
         correct += int((model(batch["x"].to(device)).argmax(1) == batch["y"].to(device)).sum())
     model.train(was_training)
     return correct / max(len(data), 1)
@@ -187,10 +192,11 @@ def check_divergence(epoch_loss: float, first_loss: float, num_classes: int, epo
                              f"{DIVERGENCE:g}× the first step's {first_loss:.4g}", hint="lower --lr or the penalty weight")
 
 
-def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
+def epoch_batches(data: Dataset | ImageSource, batch_size: int, generator: torch.Generator):
     """One epoch's batches of this process, as `(batch, items in the global batch)`.
 
-    One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch.
+    One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch (a
+    lazy source: `modelfix.data.batches` with the same generator, the same orders and batches).
     Under torchrun every process draws the same permutation (same seed, same generator), cuts it into global batches
     of `world · batch_size` items and takes its contiguous block of each (`distributed.shard_indices`): every item
     once per epoch, and N processes at batch b step like one process at batch N·b. A short last global batch is
@@ -198,7 +204,7 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
     """
     rank, world = distributed.world()
     if world == 1:
-        for batch in data.batches(batch_size, shuffle=True, generator=generator):
+        for batch in batches(data, batch_size, shuffle=True, generator=generator):
             yield batch, len(batch["y"])
         return
     order = torch.randperm(len(data), generator=generator)  # the draw Dataset.batches makes
@@ -207,16 +213,20 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator):
         block = order[start:start + step]
         part = distributed.shard_indices(len(block), rank, world)
         mine = block[part.start:part.stop]
+        if isinstance(data, ImageSource):  # this block of a lazy source, read as one batch (an empty block: none)
+            batch = next(batches(data.subset(mine if len(mine) else block[:1]), max(len(mine), 1)))
+            yield {k: v[:len(mine)] for k, v in {**batch, "index": mine}.items()}, len(block)
+            continue
         yield {"x": data.x[mine], "y": data.y[mine], "mask": data.mask[mine], "has_mask": data.has_mask[mine],
                "group": data.group[mine], "index": mine}, len(block)
 
 
 def train(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | ImageSource,
     config: TrainConfig,
     objective: Objective | None = None,
-    val: Dataset | None = None,
+    val: Dataset | ImageSource | None = None,
     progress: bool = True,
     description: str = "train",
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
@@ -249,10 +259,15 @@ def train(
     last_finite = first_loss = None
     names_seen: list[str] = []
     steps_per_epoch = math.ceil(len(data) / (config.batch_size * world))
+    total_steps = config.epochs * steps_per_epoch if config.max_steps is None else \
+        min(config.max_steps, config.epochs * steps_per_epoch)
+    steps_done = 0
     start = time.perf_counter()
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(description, total=config.epochs * steps_per_epoch)
+        task = bar.add_task(description, total=total_steps)
         for epoch in range(1, config.epochs + 1):
+            if steps_done == total_steps:  # --max-steps reached
+                break
             model.train()
             for bn in frozen:  # running statistics stay fixed
                 bn.eval()
@@ -263,6 +278,9 @@ def train(
             sums: dict[str, float] = {}
             seen = 0
             for step, (batch, n) in enumerate(epoch_batches(data, config.batch_size, shuffle_gen), 1):
+                if steps_done == total_steps:
+                    break
+                steps_done += 1
                 batch = {k: v.to(device) for k, v in batch.items()}
                 mine = len(batch["y"])
                 loss, parts = objective(model, batch) if mine else (torch.zeros((), device=device), {})

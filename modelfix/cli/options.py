@@ -98,12 +98,13 @@ ScheduleOpt = Annotated[str, typer.Option("--schedule", help="Learning-rate sche
 WarmupOpt = Annotated[int, typer.Option("--warmup-epochs", help="Epochs of linear learning-rate warm-up before the schedule.", rich_help_panel="Training")]
 GammaOpt = Annotated[float, typer.Option("--gamma", help="Decay factor per epoch (exponential) or per --step-epochs epochs (step).", rich_help_panel="Training")]
 StepEpochsOpt = Annotated[int, typer.Option("--step-epochs", help="Epochs per step of the step schedule.", rich_help_panel="Training")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop each run after this many optimiser steps (a cap for benchmarks and smoke runs; the shuffle still spans all the data).", rich_help_panel="Training")]
 SCHEDULE_OPTIONS = (("schedule", ScheduleOpt, "none"), ("warmup_epochs", WarmupOpt, 0), ("gamma", GammaOpt, 0.975),
-                    ("step_epochs", StepEpochsOpt, 10))
+                    ("step_epochs", StepEpochsOpt, 10), ("max_steps", MaxStepsOpt, None))
 
 
 def schedule_options(command: Callable) -> Callable:
-    """The learning-rate schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`), declared
+    """The schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`, `max_steps`), declared
     once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
     def pack(values: dict) -> dict:
         step = values.pop("step_epochs")  # the CLI name: `step_size` is PGD's option already

@@ -175,3 +175,20 @@ def test_evaluate_api_on_source_equals_dataset(setup):
     a = evaluate(model, source, art, **kwargs)
     b = evaluate(model, to_dataset(source), art, **kwargs)
     assert a["levels"] == b["levels"]
+
+
+@pytest.mark.parametrize("command, method", [("refit", "ridge"), ("prune-egem", "pca-egem")])
+def test_lazy_posthoc_equals_in_memory_and_decodes_only_its_split(setup, monkeypatch, command, method):
+    tmp, _, _ = setup
+    # 2 per class: 1 to fit and 1 to validate (ceil(0.2·2) = 1), so each decoded part holds 3 items (budget 8)
+    common = [command, str(tmp / "model.safetensors"), "--method", method, "--samples-per-class", "2",
+              "--keep-incorrect", "--batch-size", "4", "--json"]
+    memory = json.loads(_invoke([*common, "--clean-dir", str(tmp / "same.npz"), "-o", str(tmp / "m.safetensors")]).stdout)
+    monkeypatch.setattr(stream, "Dataset", Budget)
+    lazy = json.loads(_invoke([*common, "--clean-dir", str(tmp / "images"), "--resize", "shorter",
+                               "-o", str(tmp / "l.safetensors")]).stdout)
+    assert lazy["selection"] == memory["selection"]
+    memory_w, lazy_w = load_file(tmp / "m.safetensors"), load_file(tmp / "l.safetensors")
+    assert memory_w.keys() == lazy_w.keys()
+    for k in memory_w:
+        assert torch.equal(memory_w[k], lazy_w[k]), k

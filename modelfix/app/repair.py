@@ -155,9 +155,9 @@ def verdict(assessment: dict, result: RepairResult) -> tuple[str | None, list[st
 
 def _inputs(job: RepairJob, entry, card):
     """The datasets the method needs (a missing one is left None: `repair()` names it, `MissingInput`). The
-    fine-tunes stream lazy sources (training loop, λ calibration, validation and counterfactual passes); the
-    post-hoc and pruning methods get whole tensors."""
-    stream = entry.kind == "finetune"
+    fine-tunes stream lazy sources (training loop, λ calibration, validation and counterfactual passes), the post-hoc
+    methods walk the clean pool batch by batch and decode only their refinement split; pruning gets whole tensors."""
+    stream = entry.kind in ("finetune", "posthoc")
     data = clean = val = None
     if "data" in entry.needs:
         data = job.loaded if job.loaded is not None else resolve.load_dataset(

@@ -4,8 +4,10 @@
 Each command runs as a subprocess (`python -m modelfix ...`); its peak RSS is the largest resident set the process
 tree reached, polled from /proc every 0.1 s (the command and any DataLoader workers together), next to the kernel's
 own high-water mark of the largest single process (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, read around each run).
-The folder of `n` images is a prefix of one generated pool (`pool/c<k>/<i>.jpg`, sides in [low, high], a mask per
-image with a corner square), so the sizes differ only in how many images the command reads.
+The folder of `n` images links item i to image i mod `distinct` of one generated pool (`pool/images/c<k>/<i>.jpg`,
+sides in [low, high], a mask per image with a corner square; `distinct` a multiple of the 10 classes, so item i keeps
+its class): every size reads the same kind of files and differs only in how many it reads, and the big folder costs
+no generation time. Each file is decoded when its batch is built; the page cache is not part of RSS.
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ def make_pool(root, n: int, low: int = 224, high: int = 320, seed: int = 0) -> P
     return root
 
 
-def subset_folder(pool: Path, root: Path, n: int) -> Path:
-    """`root/{images,masks}/c<k>/<i>` for i < n, as symbolic links into the pool (no copies)."""
+def subset_folder(pool: Path, root: Path, n: int, distinct: int) -> Path:
+    """`root/{images,masks}/c<k>/<i>` for i < n, symbolic links to pool item i mod `distinct` (no copies)."""
     for kind, suffix in (("images", ".jpg"), ("masks", ".png")):
         for i in range(n):
             link = root / kind / f"c{i % CLASSES}" / f"{i}{suffix}"
-            if not link.exists():
+            if not link.is_symlink():
                 link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to((pool / kind / f"c{i % CLASSES}" / f"{i}{suffix}").resolve())
+                link.symlink_to((pool / kind / f"c{i % CLASSES}" / f"{i % distinct}{suffix}").resolve())
     return root
 
 
@@ -100,8 +102,9 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measure(command: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run `command`, polling its tree's RSS; (exit code, seconds, peak tree RSS, peak single-process RSS)."""
+def measure(command: list[str], log: Path, env: dict | None = None, timeout_s: float | None = None) -> dict:
+    """Run `command`, polling its tree's RSS; (exit code, seconds, peak tree RSS, peak single-process RSS, whether
+    it was stopped after `timeout_s`)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -115,10 +118,14 @@ def measure(command: list[str], log: Path, env: dict | None = None) -> dict:
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
-        code = proc.wait()
+        try:
+            code, stopped = proc.wait(timeout=timeout_s), False
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            code, stopped = proc.wait(), True
         thread.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"exit": code, "seconds": time.perf_counter() - start, "peak_tree_mb": peak[0] / 2**20,
+    return {"exit": code, "stopped": stopped, "seconds": time.perf_counter() - start, "peak_tree_mb": peak[0] / 2**20,
             "maxrss_mb": after / 1024 if after > before else None}  # ru_maxrss is KiB; only a new high is this run's
 
 
@@ -138,24 +145,28 @@ def commands(model: Path, folder: Path, out: Path, batch_size: int, max_steps: i
 
 
 def run(root, sizes=(2000, 20000), batch_size: int = 32, max_steps: int | None = 20, workers: int = 0,
-        commands_to_run=("evaluate", "finetune-rrr"), size: int = 224) -> dict:
-    """Peak RSS per command and size, and the ratio largest / smallest size (module docstring)."""
+        commands_to_run=("evaluate", "finetune-rrr"), size: int = 224, distinct: int = 2000,
+        timeout_s: float | None = None) -> dict:
+    """Peak RSS per command and size, and the ratio largest / smallest size (module docstring). A command still
+    running after `timeout_s` is stopped (SIGTERM) and its row says so (`stopped`): its peak is the peak so far."""
+    if distinct % CLASSES:
+        raise ValueError(f"distinct must be a multiple of {CLASSES}")
     root = Path(root)
-    pool = make_pool(root / "pool", max(sizes))
+    pool = make_pool(root / "pool", min(distinct, max(sizes)))
     model = make_model(root / "resnet18.safetensors", size)
     rows = []
     for n in sizes:
-        folder = subset_folder(pool, root / f"n{n}", n)
+        folder = subset_folder(pool, root / f"n{n}", n, min(distinct, max(sizes)))
         for name, command in commands(model, folder, root / f"rrr-{n}.safetensors", batch_size, max_steps,
                                       workers).items():
             if name not in commands_to_run:
                 continue
-            result = measure(command, root / f"{name}-{n}.log", env={**os.environ, "MODELFIX_NO_PROGRESS": "1"})
+            result = measure(command, root / f"{name}-{n}.log", {**os.environ, "MODELFIX_NO_PROGRESS": "1"}, timeout_s)
             rows.append({"command": name, "n": n, **result, "argv": " ".join(command[2:])})
             print(rows[-1], flush=True)
     ratios = {}
     for name in commands_to_run:
-        done = [r for r in rows if r["command"] == name and r["exit"] == 0]
+        done = [r for r in rows if r["command"] == name and (r["exit"] == 0 or r["stopped"])]
         if len(done) >= 2:
             ratios[name] = done[-1]["peak_tree_mb"] / done[0]["peak_tree_mb"]
     return {"rows": rows, "ratios": ratios, "batch_size": batch_size, "max_steps": max_steps, "workers": workers}

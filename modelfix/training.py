@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import Dataset, ImageSource, batches
+from .data import Dataset, ImageSource, batches, to_dataset
 from .errors import ModelfixError, TrainingFailed
 from .progress import log_epoch, progress_bar
 
@@ -196,7 +196,8 @@ def epoch_batches(data: Dataset | ImageSource, batch_size: int, generator: torch
     """One epoch's batches of this process, as `(batch, items in the global batch)`.
 
     One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch (a
-    lazy source: `modelfix.data.batches` with the same generator, the same orders and batches).
+    lazy source: `modelfix.data.batches` with the same generator, the same orders and batches; under torchrun
+    `train` decodes a lazy source first).
     Under torchrun every process draws the same permutation (same seed, same generator), cuts it into global batches
     of `world · batch_size` items and takes its contiguous block of each (`distributed.shard_indices`): every item
     once per epoch, and N processes at batch b step like one process at batch N·b. A short last global batch is
@@ -213,10 +214,6 @@ def epoch_batches(data: Dataset | ImageSource, batch_size: int, generator: torch
         block = order[start:start + step]
         part = distributed.shard_indices(len(block), rank, world)
         mine = block[part.start:part.stop]
-        if isinstance(data, ImageSource):  # this block of a lazy source, read as one batch (an empty block: none)
-            batch = next(batches(data.subset(mine if len(mine) else block[:1]), max(len(mine), 1)))
-            yield {k: v[:len(mine)] for k, v in {**batch, "index": mine}.items()}, len(block)
-            continue
         yield {"x": data.x[mine], "y": data.y[mine], "mask": data.mask[mine], "has_mask": data.has_mask[mine],
                "group": data.group[mine], "index": mine}, len(block)
 
@@ -244,6 +241,8 @@ def train(
     rank, world = distributed.world()
     if len(data) < world:
         raise ModelfixError(f"{len(data)} training items for {world} processes", hint="use fewer processes")
+    if world > 1 and isinstance(data, ImageSource):  # the sharded loop slices whole tensors (as before streaming)
+        data = to_dataset(data)
     distributed.broadcast_model(model)
     # the shuffle below is seeded alike everywhere; random draws of objectives (noise, PGD starts, dropout) differ
     seed_everything(config.seed + rank)

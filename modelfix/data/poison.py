@@ -99,7 +99,7 @@ def pasted_batches(source: ImageSource, artifact: Artifact | str | dict, level: 
                 pos = batch["index"]  # positions within the chunk
                 x = batch["x"]
                 pasted = x.clone() if keep_clean else x
-                footprint = artifact.paste_drawn_(pasted, None if colours is None else colours[start:][pos],
+                footprint = artifact.paste_drawn_(pasted, None if colours is None else colours[start:start + CHUNK][pos],
                                                   tuple(d[pos] for d in drawn))
                 yield {"index": idx[pos], "pasted": pasted, "footprint": footprint,
                        **({"x": x} if keep_clean else {})}

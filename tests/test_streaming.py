@@ -192,3 +192,11 @@ def test_lazy_posthoc_equals_in_memory_and_decodes_only_its_split(setup, monkeyp
     assert memory_w.keys() == lazy_w.keys()
     for k in memory_w:
         assert torch.equal(memory_w[k], lazy_w[k]), k
+
+
+def test_explain_decodes_only_the_items_it_explains(setup, monkeypatch):
+    tmp, _, _ = setup
+    monkeypatch.setattr(stream, "Dataset", Budget)  # 18 items on disk, at most 8 decoded at once
+    _invoke(["explain", str(tmp / "model.safetensors"), "--data", str(tmp / "images"), "--resize", "shorter",
+             "--limit", "4", "--method", "gradient", "-o", str(tmp / "maps")])
+    assert len(list((tmp / "maps").rglob("*.png"))) >= 4  # a heatmap per explained item

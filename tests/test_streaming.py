@@ -200,3 +200,16 @@ def test_explain_decodes_only_the_items_it_explains(setup, monkeypatch):
     _invoke(["explain", str(tmp / "model.safetensors"), "--data", str(tmp / "images"), "--resize", "shorter",
              "--limit", "4", "--method", "gradient", "-o", str(tmp / "maps")])
     assert len(list((tmp / "maps").rglob("*.png"))) >= 4  # a heatmap per explained item
+
+
+def test_repair_report_on_lazy_eval_data_equals_in_memory(setup):
+    tmp, _, _ = setup
+    docs = {}
+    for name, data in (("memory", [str(tmp / "same.npz")]), ("lazy", [str(tmp / "images"), "--resize", "shorter"])):
+        _invoke(["refit", str(tmp / "model.safetensors"), "--method", "ridge", "--clean-dir", str(tmp / "same.npz"),
+                 "--samples-per-class", "2", "--keep-incorrect", "--eval-data", *data,
+                 "--report", str(tmp / f"report-{name}"), "-o", str(tmp / f"{name}.safetensors")])
+        docs[name] = json.loads((tmp / f"report-{name}" / "results.json").read_text())
+    for phase in ("before", "after"):  # the before/after evaluation: clean and fully poisoned, 18 items each
+        assert docs["lazy"]["evaluation"][phase]["levels"] == docs["memory"]["evaluation"][phase]["levels"]
+        assert [row["n"] for row in docs["lazy"]["evaluation"][phase]["levels"]] == [18, 18]

@@ -124,7 +124,7 @@ def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None
     crop_pct, workers, skip_bad, max_pixels, columns) brings images of any size and mode to the card's input as a
     lazy `ImageSource` read with `workers` DataLoader workers. `stream=True` (commands whose every pass goes through
     `modelfix.data.batches`) returns that source as it is; otherwise it is decoded into whole tensors here
-    (`to_dataset`, bounded by its memory guard). docs/architecture.md lists which commands stream."""
+    (`to_dataset`, bounded by its memory guard). docs/data.md lists which commands stream."""
     from modelfix.data import ImageSource, load_data, to_dataset
 
     reading = dict(reading or {})

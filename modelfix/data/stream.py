@@ -149,8 +149,11 @@ def to_dataset(source: ImageSource, workers: int | None = None, max_bytes: int =
         raise DataError(f"data '{source.name}' would take {need / 2**30:.1f} GiB in memory "
                         f"({len(source)} images of {c}×{h}×{w} plus masks)",
                         hint="stream it in batches instead, or use a smaller input size")
-    parts = list(batches(source, 256, workers=workers))  # workers None: the source's
-    cat = {k: torch.cat([p[k] for p in parts]) for k in KEYS}
-    return Dataset(x=cat["x"], y=cat["y"], mask=cat["mask"], has_mask=cat["has_mask"], group=cat["group"],
+    # filled batch by batch into tensors of the final size: a list of batches and their concatenation would hold
+    # the pixels twice at the peak
+    x, mask = torch.empty(len(source), c, h, w), torch.empty(len(source), 1, h, w)
+    for batch in batches(source, 256, workers=workers):  # workers None: the source's
+        x[batch["index"]], mask[batch["index"]] = batch["x"], batch["mask"]
+    return Dataset(x=x, y=source.y.clone(), mask=mask, has_mask=source.has_mask.clone(), group=source.group.clone(),
                    class_names=source.class_names, group_names=source.group_names, name=source.name,
                    info=dict(source.info))

@@ -62,8 +62,8 @@ def subset_folder(pool: Path, root: Path, n: int, distinct: int) -> Path:
     return root
 
 
-def make_model(path: Path, size: int = 224) -> Path:
-    """A resnet18 (torchvision, random weights, 10 classes) at `size` as a modelfix checkpoint."""
+def make_model(path: Path, size: int = 224, arch: str = "resnet18") -> Path:
+    """A model of `arch` (resnet18: torchvision's; random weights, 10 classes) at `size` as a modelfix checkpoint."""
     if path.is_file():
         return path
     import torch
@@ -73,7 +73,7 @@ def make_model(path: Path, size: int = 224) -> Path:
     from ..zoo import build_model
 
     torch.manual_seed(0)
-    card = ModelCard(arch="resnet18", num_classes=CLASSES, input=InputSpec(3, size, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    card = ModelCard(arch=arch, num_classes=CLASSES, input=InputSpec(3, size, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                      class_names=[f"c{k}" for k in range(CLASSES)], artifact=ARTIFACT)
     save_model(build_model(card), card, path)
     return path
@@ -109,11 +109,14 @@ def measure(command: list[str], log: Path, env: dict | None = None, timeout_s: f
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        peak = [0]
+        peak, trace = [0], []
 
-        def poll():
+        def poll():  # the peak, and the tree's RSS every 30 s (flat while the items stream past, or growing)
             while proc.poll() is None:
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                rss = _tree_rss(proc.pid)
+                peak[0] = max(peak[0], rss)
+                if not trace or time.perf_counter() - start >= 30 * len(trace):
+                    trace.append((round(time.perf_counter() - start), round(rss / 2**20)))
                 time.sleep(0.1)
 
         thread = threading.Thread(target=poll, daemon=True)
@@ -126,6 +129,7 @@ def measure(command: list[str], log: Path, env: dict | None = None, timeout_s: f
         thread.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"exit": code, "stopped": stopped, "seconds": time.perf_counter() - start, "peak_tree_mb": peak[0] / 2**20,
+            "rss_trace_s_mb": trace,
             "maxrss_mb": after / 1024 if after > before else None}  # ru_maxrss is KiB; only a new high is this run's
 
 
@@ -136,9 +140,11 @@ def commands(model: Path, folder: Path, out: Path, batch_size: int, max_steps: i
     data = ["--data", str(folder / "images"), "--resize", "shorter", "--workers", str(workers)]
     evaluate = python + ["evaluate", str(model), *data, "--poison", "0,1", "--artifact", ARTIFACT,
                          "--batch-size", str(batch_size)]
+    # a small SGD step and λ keep a randomly initialised resnet18 finite for the run (RRR at λ 1 with Adam's 1e-3
+    # reached NaN within 15 steps): the benchmark measures memory, not a repair
     finetune = python + ["finetune", str(model), "--method", "rrr", *data, "--masks", str(folder / "masks"),
-                         "--lambda", "1", "--epochs", "1", "--batch-size", str(batch_size), "--select-by", "accuracy",
-                         "-o", str(out), "--overwrite"]
+                         "--lambda", "0.001", "--optimizer", "sgd", "--lr", "1e-5", "--epochs", "1",
+                         "--batch-size", str(batch_size), "--select-by", "accuracy", "-o", str(out), "--overwrite"]
     if max_steps:
         finetune += ["--max-steps", str(max_steps)]
     return {"evaluate": evaluate, "finetune-rrr": finetune}
@@ -146,22 +152,22 @@ def commands(model: Path, folder: Path, out: Path, batch_size: int, max_steps: i
 
 def run(root, sizes=(2000, 20000), batch_size: int = 32, max_steps: int | None = 20, workers: int = 0,
         commands_to_run=("evaluate", "finetune-rrr"), size: int = 224, distinct: int = 2000,
-        timeout_s: float | None = None) -> dict:
+        timeout_s: float | None = None, arch: str = "resnet18") -> dict:
     """Peak RSS per command and size, and the ratio largest / smallest size (module docstring). A command still
     running after `timeout_s` is stopped (SIGTERM) and its row says so (`stopped`): its peak is the peak so far."""
     if distinct % CLASSES:
         raise ValueError(f"distinct must be a multiple of {CLASSES}")
     root = Path(root)
     pool = make_pool(root / "pool", min(distinct, max(sizes)))
-    model = make_model(root / "resnet18.safetensors", size)
+    model = make_model(root / f"{arch}.safetensors", size, arch)
     rows = []
     for n in sizes:
         folder = subset_folder(pool, root / f"n{n}", n, min(distinct, max(sizes)))
-        for name, command in commands(model, folder, root / f"rrr-{n}.safetensors", batch_size, max_steps,
+        for name, command in commands(model, folder, root / f"rrr-{arch}-{n}.safetensors", batch_size, max_steps,
                                       workers).items():
             if name not in commands_to_run:
                 continue
-            result = measure(command, root / f"{name}-{n}.log", {**os.environ, "MODELFIX_NO_PROGRESS": "1"}, timeout_s)
+            result = measure(command, root / f"{name}-{arch}-{n}.log", {**os.environ, "MODELFIX_NO_PROGRESS": "1"}, timeout_s)
             rows.append({"command": name, "n": n, **result, "argv": " ".join(command[2:])})
             print(rows[-1], flush=True)
     ratios = {}

@@ -138,10 +138,11 @@ def bench_memory(
     workers: Annotated[int, typer.Option("--workers")] = 0,
     commands: Annotated[str, typer.Option("--commands")] = "evaluate,finetune-rrr",
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop a command after this many seconds (its row says so).")] = None,
+    arch: Annotated[str, typer.Option("--arch")] = "resnet18",
 ) -> None:
     """Peak RSS of `evaluate` and a 1-epoch `finetune --method rrr` (resnet18 at 224) over folders of each size."""
     from ..bench.memory import run
 
     result = run(root, tuple(int(n) for n in parse_floats(sizes, "--sizes") or ()), batch_size, max_steps or None,
-                 workers, tuple(c.strip() for c in commands.split(",")), timeout_s=timeout)
+                 workers, tuple(c.strip() for c in commands.split(",")), timeout_s=timeout, arch=arch)
     print(json.dumps(result))

@@ -140,8 +140,8 @@ def commands(model: Path, folder: Path, out: Path, batch_size: int, max_steps: i
     data = ["--data", str(folder / "images"), "--resize", "shorter", "--workers", str(workers)]
     evaluate = python + ["evaluate", str(model), *data, "--poison", "0,1", "--artifact", ARTIFACT,
                          "--batch-size", str(batch_size)]
-    # a small SGD step and λ keep a randomly initialised resnet18 finite for the run (RRR at λ 1 with Adam's 1e-3
-    # reached NaN within 15 steps): the benchmark measures memory, not a repair
+    # a small SGD step and λ keep a randomly initialised resnet18 finite for the run (RRR at λ 1 with its default SGD,
+    # lr 1e-3, reached NaN within 15 steps): the benchmark measures memory, not a repair
     finetune = python + ["finetune", str(model), "--method", "rrr", *data, "--masks", str(folder / "masks"),
                          "--lambda", "0.001", "--optimizer", "sgd", "--lr", "1e-5", "--epochs", "1",
                          "--batch-size", str(batch_size), "--select-by", "accuracy", "-o", str(out), "--overwrite"]

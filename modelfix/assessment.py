@@ -14,7 +14,7 @@ import base64
 import torch
 from torch import Tensor, nn
 
-from .data import Dataset, parse_artifact, poison
+from .data import Dataset, ImageSource, parse_artifact, poison, take
 from .evaluate import evaluate
 
 HEATMAP_ITEMS = 6
@@ -71,12 +71,12 @@ def heatmaps_of(models: dict[str, nn.Module], data: Dataset, method: str) -> dic
 
 
 
-def _heatmap_items(data: Dataset, artifact, labels: str, seed: int, n: int) -> tuple[Dataset, list[int], list[str]]:
+def _heatmap_items(data: Dataset | ImageSource, artifact, labels: str, seed: int, n: int) -> tuple[Dataset, list[int], list[str]]:
     """Up to `n` class-balanced items (`balanced_indices`), each shown clean and, with an artifact, poisoned (the
     same image with the artifact pasted, `labels` mode), interleaved clean, poisoned, clean, …: `(items, their
     positions in data, "clean"/"poisoned" per item)`."""
     idx = balanced_indices(data.y, n)
-    clean = data.subset(torch.tensor(idx, dtype=torch.long))
+    clean = take(data, torch.tensor(idx, dtype=torch.long))
     if artifact is None:
         return clean, idx, ["clean"] * len(idx)
     poisoned = poison(clean, artifact, 1.0, labels, seed=seed)
@@ -90,13 +90,14 @@ def _heatmap_items(data: Dataset, artifact, labels: str, seed: int, n: int) -> t
     return both, [i for i in idx for _ in (0, 1)], ["clean", "poisoned"] * len(idx)
 
 
-def assess(after: nn.Module, data: Dataset, artifact=None, before: nn.Module | None = None, labels: str = "random",
+def assess(after: nn.Module, data: Dataset | ImageSource, artifact=None, before: nn.Module | None = None, labels: str = "random",
            seed: int = 0, method: str = EXPLAIN_METHOD, heatmap_items: int = HEATMAP_ITEMS,
            reliance_items: int = RELIANCE_ITEMS, batch_size: int = 512) -> dict:
     """Before/after evidence on `data` (module docstring). With an artifact: poison levels 0 and 1 (`labels` mode,
     `seed`) and heatmaps of `heatmap_items` class-balanced items, each clean and with the artifact pasted; without
     one: level 0 only and clean heatmaps.
-    `before` None (a model trained from scratch) gives the `after` column alone."""
+    `before` None (a model trained from scratch) gives the `after` column alone. A lazy source is streamed by the
+    evaluation; only the `reliance_items` and `heatmap_items` explained are decoded (`take`)."""
     from .explain.attribution import attribute, default_composite, relevance_maps
     from .explain.reliance import reliance_by_level
 
@@ -109,7 +110,7 @@ def assess(after: nn.Module, data: Dataset, artifact=None, before: nn.Module | N
         run = evaluate(model, data, artifact, levels=levels, labels=(labels,), seed=seed, batch_size=batch_size,
                        progress=False)
         result["evaluation"][name] = {"levels": run["levels"], "drops": run["drops"]}
-    subset = data.subset(slice(0, min(reliance_items, len(data))))
+    subset = take(data, range(min(reliance_items, len(data))))
     if artifact is not None or bool(subset.has_mask.any()):
         reliance = {"method": method, "items": len(subset), "target": "true label"}
         for name, model in models.items():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .data import Artifact, Dataset
+from .data import Artifact, Dataset, ImageSource, batches
 from .data.poison import poisoned_chunks
 from .errors import ModelfixError
 from .progress import progress_bar
@@ -30,25 +30,40 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
     2.1× faster, docs/benchmarks.md "Performance"). Under torchrun each process predicts its block of the rows
     (`distributed.shard_indices`) and every process gets the whole vector back, so every count and metric computed
     from it equals the one-process value exactly."""
+    rows = distributed.shard_indices(len(x))
+    parts = (x[rows.start + start: rows.start + min(start + batch_size, len(rows))]
+             for start in range(0, len(rows), batch_size))
+    return distributed.concat_shards(predict_batches(model, parts))
+
+
+def predict_batches(model: nn.Module, parts) -> torch.Tensor:
+    """Arg-max predictions of an iterable of image batches, concatenated (eval mode, channels-last as `predict`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
     layout = torch.channels_last if convs else torch.contiguous_format
-    rows = distributed.shard_indices(len(x))
-    out = torch.empty(len(rows), dtype=torch.long)
+    out = []
     try:
         if convs:
             _convert(model, torch.channels_last)
         with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                part = x[rows.start + start : rows.start + min(start + batch_size, len(rows))]
-                out[start : start + batch_size] = model(part.to(device).contiguous(memory_format=layout)).argmax(1).cpu()
+            for part in parts:
+                out.append(model(part.to(device).contiguous(memory_format=layout)).argmax(1).cpu())
     finally:
         if convs:
             _convert(model, torch.contiguous_format)
         model.train(was_training)
-    return distributed.concat_shards(out)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def predict_data(model: nn.Module, data: Dataset | ImageSource, batch_size: int = 512) -> torch.Tensor:
+    """`predict` on every item of `data`: the whole tensor of in-memory data, a lazy source streamed batch by
+    batch (`modelfix.data.batches`; one batch in memory at a time). The batches are the same slices either way,
+    so the predictions are the same. (A lazy source is streamed whole by every process under torchrun.)"""
+    if isinstance(data, Dataset):
+        return predict(model, data.x, batch_size)
+    return predict_batches(model, (batch["x"] for batch in batches(data, batch_size)))
 
 
 def predict_variants(model: nn.Module, x: torch.Tensor, variants: list, start: int = 0, batch_size: int = 512,
@@ -140,7 +155,7 @@ def metrics(pred: torch.Tensor, data: Dataset) -> dict:
 
 def evaluate(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | ImageSource,
     artifact: Artifact | None = None,
     levels: tuple[float, ...] = (0.0,),
     labels: str | tuple[str, ...] = "random",
@@ -152,7 +167,9 @@ def evaluate(
     the drops from the first row to the others. With labels=("correlated", "random") a decoy model shows its
     shortcut in one table: accuracy when the artifact encodes the true label against a random one.
 
-    Only the items a level poisons are predicted again; the rest reuse the clean predictions.
+    Only the items a level poisons are predicted again; the rest reuse the clean predictions. A lazy source is
+    streamed: one pass for the clean predictions, and per level one pass over the items it poisons, the artifact
+    pasted on each batch after the source's transform (`poisoned_chunks`).
     """
     modes = (labels,) if isinstance(labels, str) else tuple(labels)
     if len(data) == 0:
@@ -173,7 +190,7 @@ def evaluate(
         runs = [(level, None) if level == 0 else (level, mode) for level in levels for mode in modes]
         runs = list(dict.fromkeys(runs))  # level 0 once, whatever the modes
         task = bar.add_task("evaluate", total=len(runs))
-        clean_pred = predict(model, data.x, batch_size)
+        clean_pred = predict_data(model, data, batch_size)
         for level, mode in runs:
             bar.update(task, description=f"evaluate poison {level:g}" + (f" ({mode})" if mode else ""))
             if level == 0:
@@ -181,10 +198,22 @@ def evaluate(
             else:
                 # The poisoned items alone, chunk by chunk (the same items and pixels as `poison`, without a
                 # poisoned copy of the whole set: that copy cost as much as the MLP's forward pass).
-                pred, n_poisoned = clean_pred.clone(), 0
-                for hit, x_hit, _ in poisoned_chunks(data, artifact, level, labels=mode, seed=seed):
-                    pred[hit] = predict(model, x_hit, batch_size)
-                    n_poisoned += len(hit)
+                pred, hits = clean_pred.clone(), []
+                chunks = poisoned_chunks(data, artifact, level, labels=mode, seed=seed, batch_size=batch_size)
+                if isinstance(data, Dataset):
+                    for hit, x_hit, _ in chunks:
+                        pred[hit] = predict(model, x_hit, batch_size)
+                        hits.append(hit)
+                else:  # batch by batch from the stream, the model converted to channels-last once
+                    def images(chunks=chunks, hits=hits):
+                        for hit, x_hit, _ in chunks:
+                            hits.append(hit)
+                            yield x_hit
+
+                    pasted = predict_batches(model, images())
+                    if hits:
+                        pred[torch.cat(hits)] = pasted
+                n_poisoned = sum(len(hit) for hit in hits)
             rows.append({"level": level, "labels": mode, "n_poisoned": n_poisoned, **metrics(pred, data)})
             bar.advance(task)
     drops = [

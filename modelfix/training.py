@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import Dataset
-from .data.stream import augment_batch, batches
+from .data import Dataset, ImageSource, batches, to_dataset
+from .data.stream import augment_batch
 from .data.transforms import Augment
 from .errors import ModelfixError, TrainingFailed
 from .precision import PRECISIONS, autocast, check_precision, grad_scaler
@@ -68,6 +68,9 @@ class TrainConfig:
     # penalties keep their second-order terms in float32 (docs/finetunes.md, "Mixed precision")
     precision: str = "fp32"
     augment: bool = False  # random resized crop + horizontal flip of image and mask (data.transforms.Augment)
+    # A cap on the optimiser steps of a run, for benchmarks and smoke runs (None: every epoch to its end). The
+    # shuffle still spans the whole data; the run stops after this many steps, inside an epoch if need be.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ModelfixError(f"--step-size must be at least 1, not {self.step_size}")
         if self.precision not in PRECISIONS:
             raise ModelfixError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{self.precision}'")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ModelfixError(f"--max-steps must be at least 1, not {self.max_steps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,13 +184,13 @@ def training_layout(model: nn.Module) -> torch.memory_format:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Plain accuracy in eval mode; the model's train/eval state is restored afterwards."""
+def accuracy(model: nn.Module, data: Dataset | ImageSource, batch_size: int = 1000) -> float:
+    """Plain accuracy in eval mode (a lazy source streamed); the model's train/eval state is restored afterwards."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for batch in data.batches(batch_size):
+    for batch in batches(data, batch_size):
         correct += int((model(batch["x"].to(device)).argmax(1) == batch["y"].to(device)).sum())
     model.train(was_training)
     return correct / max(len(data), 1)
@@ -205,12 +210,14 @@ def check_divergence(epoch_loss: float, first_loss: float, num_classes: int, epo
                              f"{DIVERGENCE:g}× the first step's {first_loss:.4g}", hint="lower --lr or the penalty weight")
 
 
-def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator, augment: Augment | None = None,
-                  seed: int = 0):
+def epoch_batches(data: Dataset | ImageSource, batch_size: int, generator: torch.Generator,
+                  augment: Augment | None = None, seed: int = 0):
     """One epoch's batches of this process, as `(batch, items in the global batch)`; with `augment`, each item
     augmented (image and mask alike) from (`seed`, its index) only, so the draws do not depend on the world size.
 
-    One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch.
+    One process: `data.batches(batch_size, shuffle=True, generator=generator)`, each batch its own global batch (a
+    lazy source: `modelfix.data.batches` with the same generator, the same orders and batches; under torchrun
+    `train` decodes a lazy source first).
     Under torchrun every process draws the same permutation (same seed, same generator), cuts it into global batches
     of `world · batch_size` items and takes its contiguous block of each (`distributed.shard_indices`): every item
     once per epoch, and N processes at batch b step like one process at batch N·b. A short last global batch is
@@ -218,9 +225,7 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator, au
     """
     rank, world = distributed.world()
     if world == 1:
-        stream = data.batches(batch_size, shuffle=True, generator=generator) if augment is None else \
-            batches(data, batch_size, shuffle=True, generator=generator, augment=augment, seed=seed)
-        for batch in stream:
+        for batch in batches(data, batch_size, shuffle=True, generator=generator, augment=augment, seed=seed):
             yield batch, len(batch["y"])
         return
     order = torch.randperm(len(data), generator=generator)  # the draw Dataset.batches makes
@@ -236,10 +241,10 @@ def epoch_batches(data: Dataset, batch_size: int, generator: torch.Generator, au
 
 def train(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | ImageSource,
     config: TrainConfig,
     objective: Objective | None = None,
-    val: Dataset | None = None,
+    val: Dataset | ImageSource | None = None,
     progress: bool = True,
     description: str = "train",
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
@@ -257,6 +262,8 @@ def train(
     rank, world = distributed.world()
     if len(data) < world:
         raise ModelfixError(f"{len(data)} training items for {world} processes", hint="use fewer processes")
+    if world > 1 and isinstance(data, ImageSource):  # the sharded loop slices whole tensors (as before streaming)
+        data = to_dataset(data)
     distributed.broadcast_model(model)
     # the shuffle below is seeded alike everywhere; random draws of objectives (noise, PGD starts, dropout) differ
     seed_everything(config.seed + rank)
@@ -277,10 +284,15 @@ def train(
     last_finite = first_loss = None
     names_seen: list[str] = []
     steps_per_epoch = math.ceil(len(data) / (config.batch_size * world))
+    total_steps = config.epochs * steps_per_epoch if config.max_steps is None else \
+        min(config.max_steps, config.epochs * steps_per_epoch)
+    steps_done = 0
     start = time.perf_counter()
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(description, total=config.epochs * steps_per_epoch)
+        task = bar.add_task(description, total=total_steps)
         for epoch in range(1, config.epochs + 1):
+            if steps_done == total_steps:  # --max-steps reached
+                break
             model.train()
             for bn in frozen:  # running statistics stay fixed
                 bn.eval()
@@ -292,6 +304,9 @@ def train(
             seen = 0
             stream = epoch_batches(data, config.batch_size, shuffle_gen, augment, config.seed + epoch)
             for step, (batch, n) in enumerate(stream, 1):
+                if steps_done == total_steps:
+                    break
+                steps_done += 1
                 batch = {k: v.to(device) for k, v in batch.items()}
                 batch["x"] = batch["x"].to(memory_format=layout)
                 mine = len(batch["y"])

@@ -114,6 +114,7 @@ class RepairJob:
     config: dict = field(default_factory=dict)  # the method's resolved settings, for the card
     invocation: dict | None = None  # the command and every option as resolved, for the card and `modelfix rerun`
     train_accuracy: bool = False  # also report the repaired model's accuracy on the training data (`train`)
+    loaded: object = None  # the training data already read (`train` reads it once, for the card and the run)
 
     def input_paths(self) -> list:
         return [self.model_path, self.data, self.masks, self.clean, self.approve_mask, self.val, self.feedback,
@@ -126,7 +127,7 @@ def _evaluation_data(job: RepairJob, card):
     spec = job.eval_data or (resolve.default_test_split(card) if (card.dataset or {}).get("scenario") else None)
     if spec is None:
         return None, None
-    return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card, reading=job.reading)
+    return spec, resolve.load_dataset(spec, job.data_root, job.seed, card=card, reading=job.reading, stream=True)
 
 
 def verdict(assessment: dict, result: RepairResult, repaired: bool = True) -> tuple[str | None, list[str]]:
@@ -202,15 +203,20 @@ def shortcut_outcome(gap_before: float, gap_after: float, warnings: list[str], m
 
 
 def _inputs(job: RepairJob, entry, card):
-    """The datasets the method needs (a missing one is left None: `repair()` names it, `MissingInput`)."""
+    """The datasets the method needs (a missing one is left None: `repair()` names it, `MissingInput`). The
+    fine-tunes stream lazy sources (training loop, λ calibration, validation and counterfactual passes), the post-hoc
+    methods walk the clean pool batch by batch and decode only their refinement split; pruning gets whole tensors."""
+    stream = entry.kind in ("finetune", "posthoc")
     data = clean = val = None
     if "data" in entry.needs:
-        data = resolve.load_dataset(job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card,
-                                    reading=job.reading)
+        data = job.loaded if job.loaded is not None else resolve.load_dataset(
+            job.data or "decoy-digits:train", job.data_root, job.seed, job.masks, card, reading=job.reading,
+            stream=stream)
     if "clean" in entry.needs and job.clean is not None:
-        clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card, reading=job.reading)
+        clean = resolve.load_dataset(job.clean, job.data_root, job.seed, job.approve_mask, card, reading=job.reading,
+                                     stream=stream)
     if job.val:
-        val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card, reading=job.reading)
+        val = resolve.load_dataset(job.val, job.data_root, job.seed, card=card, reading=job.reading, stream=stream)
     return data, clean, val
 
 

@@ -118,11 +118,13 @@ def has_default_names(card) -> bool:
 
 
 def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None, class_names=None,
-                 reading: dict | None = None):
+                 reading: dict | None = None, stream: bool = False):
     """The dataset of `spec` (folder, manifest, bundle, SCENARIO[:SPLIT]), named with the card's classes (or
     `class_names`) and checked against the card when one is given. `reading` (the CLI's data options: resize,
-    crop_pct, workers, skip_bad, max_pixels, columns) brings images of any size and mode to the card's input; such
-    a source is decoded with `workers` DataLoader workers into whole tensors here (`to_dataset`)."""
+    crop_pct, workers, skip_bad, max_pixels, columns) brings images of any size and mode to the card's input as a
+    lazy `ImageSource` read with `workers` DataLoader workers. `stream=True` (commands whose every pass goes through
+    `modelfix.data.batches`) returns that source as it is; otherwise it is decoded into whole tensors here
+    (`to_dataset`, bounded by its memory guard). docs/data.md lists which commands stream."""
     from modelfix.data import ImageSource, load_data, to_dataset
 
     reading = dict(reading or {})
@@ -138,7 +140,8 @@ def load_dataset(spec: str, data_root=None, seed: int = 0, masks=None, card=None
                      input_spec=card.input if card is not None and lazy else None, resize=resize, columns=columns,
                      **{k: v for k, v in reading.items() if v is not None})
     if isinstance(data, ImageSource):
-        data = to_dataset(data, workers)
+        data.workers = workers
+        data = data if stream else to_dataset(data)
     if card is not None:
         check_fits(data, card, spec)
     return data

@@ -126,3 +126,23 @@ def bench_egem_mnist(
                   f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
 
 
+
+
+@bench_app.command("memory", epilog="Example: modelfix bench memory --root runs/memory --sizes 2000,20000 --max-steps 20")
+@handles_errors
+def bench_memory(
+    root: Annotated[Path, typer.Option("--root", help="Folder for the generated JPEGs, the resnet18 and the logs (reused).")],
+    sizes: Annotated[str, typer.Option("--sizes", help="Comma-separated image counts.")] = "2000,20000",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Cap the fine-tune's steps (0: the whole epoch).")] = 20,
+    workers: Annotated[int, typer.Option("--workers")] = 0,
+    commands: Annotated[str, typer.Option("--commands")] = "evaluate,finetune-rrr",
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop a command after this many seconds (its row says so).")] = None,
+    arch: Annotated[str, typer.Option("--arch")] = "resnet18",
+) -> None:
+    """Peak RSS of `evaluate` and a 1-epoch `finetune --method rrr` (resnet18 at 224) over folders of each size."""
+    from ..bench.memory import run
+
+    result = run(root, tuple(int(n) for n in parse_floats(sizes, "--sizes") or ()), batch_size, max_steps or None,
+                 workers, tuple(c.strip() for c in commands.split(",")), timeout_s=timeout, arch=arch)
+    print(json.dumps(result))

@@ -76,7 +76,7 @@ def evaluate(
                           folder_option="-o").check()
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     spec = data or default_test_split(card)
-    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading)
+    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading, stream=True)
     check_fits(dataset, card, spec)
     artifact_spec = artifact or card.artifact
     art = parse_artifact(artifact_spec) if artifact_spec else None
@@ -95,7 +95,9 @@ def evaluate(
     if fragility is not None:
         from ..fragility import fragility_of_test
 
-        results["fragility"] = fragility_of_test(model, dataset, art, fragility, modes[0] if modes else "random", seed)
+        from ..data import to_dataset  # δ's interval bounds take whole tensors
+
+        results["fragility"] = fragility_of_test(model, to_dataset(dataset), art, fragility, modes[0] if modes else "random", seed)
     if output_dir is not None:
         from ..app.outputs import commit
 
@@ -115,7 +117,9 @@ def _reliance(model, dataset, artifact, levels, modes, method: str, items: int, 
     from ..explain.attribution import attribute, default_composite, relevance_maps
     from ..explain.reliance import reliance_by_level
 
-    subset = dataset if items == 0 or items >= len(dataset) else dataset.subset(slice(0, items))
+    from ..data import take  # only the items explained are decoded
+
+    subset = take(dataset, range(len(dataset) if items == 0 else min(items, len(dataset))))
     composite = default_composite(model)
 
     def explainer(x, targets):

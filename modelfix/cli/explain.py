@@ -83,6 +83,7 @@ def explain(
     import torch
 
     from ..checkpoint import sha256_file, sidecar_path
+    from ..data import take
     from ..data.sources import staged_folder
     from ..explain.attribution import (attribution_details, check_method, composite_name, composite_warnings,
                                       default_composite, relevance_maps, resolve_targets)
@@ -115,10 +116,10 @@ def explain(
     model, card = load_checkpoint(model_path, device=device_name(device), **checkpoint)
     composite = composite or default_composite(model)
     spec = data or default_test_split(card)
-    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading)
+    dataset = load_dataset(spec, data_root, seed, masks, card=card, reading=reading, stream=True)
     check_fits(dataset, card, spec)
     n = len(dataset) if limit == 0 else min(limit, len(dataset))
-    subset = dataset.subset(torch.arange(n))
+    subset = take(dataset, torch.arange(n))  # a lazy source: only the items explained are decoded
     if n == 0:
         raise ModelfixError(f"data '{spec}' holds no items to explain")
 

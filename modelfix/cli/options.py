@@ -100,13 +100,15 @@ GammaOpt = Annotated[float, typer.Option("--gamma", help="Decay factor per epoch
 StepEpochsOpt = Annotated[int, typer.Option("--step-epochs", help="Epochs per step of the step schedule.", rich_help_panel="Training")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast and loss scaling, CUDA only).", rich_help_panel="Runtime")]
 AugmentOpt = Annotated[bool, typer.Option("--augment", help="Random resized crop and horizontal flip of each training image with its mask.", rich_help_panel="Training")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop each run after this many optimiser steps (a cap for benchmarks and smoke runs; the shuffle still spans all the data).", rich_help_panel="Training")]
 SCHEDULE_OPTIONS = (("schedule", ScheduleOpt, "none"), ("warmup_epochs", WarmupOpt, 0), ("gamma", GammaOpt, 0.975),
-                    ("step_epochs", StepEpochsOpt, 10), ("precision", PrecisionOpt, "fp32"), ("augment", AugmentOpt, False))
+                    ("step_epochs", StepEpochsOpt, 10), ("precision", PrecisionOpt, "fp32"), ("augment", AugmentOpt, False),
+                    ("max_steps", MaxStepsOpt, None))
 
 
 def schedule_options(command: Callable) -> Callable:
-    """The learning-rate schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`) and
-    `precision`, `augment`, declared once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
+    """The schedule options (TrainConfig's `schedule`, `warmup_epochs`, `gamma`, `step_size`), `precision`, `augment`
+    and `max_steps`, declared once: the command receives them as one keyword `schedule: dict` of TrainConfig fields."""
     def pack(values: dict) -> dict:
         step = values.pop("step_epochs")  # the CLI name: `step_size` is PGD's option already
         return {**values, "step_size": step}

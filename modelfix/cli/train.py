@@ -206,7 +206,7 @@ def train(
                        eps_start)
     dev = device_name(device)
     base = default_input_spec(arch)
-    probe = load_dataset(data, data_root, seed, masks, reading=reading)  # the data decide channels, size and classes of a new model
+    probe = load_dataset(data, data_root, seed, masks, reading=reading, stream=True)  # the data decide channels, size and classes of a new model
     c, h, w = probe.shape
     spec = InputSpec(channels=c, height=h, width=w,
                      mean=parse_floats(mean, "--mean") or (base.mean if len(base.mean) in (1, c) else (base.mean[0],)),
@@ -223,6 +223,7 @@ def train(
                     artifact=artifact, data_root=data_root, seed=seed, device=dev, batch_size=batch_size,
                     overwrite=overwrite, config=config.to_dict())
     job.invocation, job.reading = recorded_invocation(), reading or {}
+    job.loaded = probe if hasattr(probe, "x") else None  # in memory: read once; a lazy source reopens at the card's size
     _run(job, json_output, strict)
 
 

@@ -18,7 +18,7 @@ from .poison import LABEL_MODES, poison
 from .scenarios import SCENARIOS, Scenario, find_mnist, load_mnist, load_scenario
 from .source import ImageSource, open_source
 from .sources import load_bundle, load_folder, read_idx, read_image, read_mask, save_bundle, save_folder
-from .stream import batches, to_dataset
+from .stream import batches, take, to_dataset
 from .transforms import CROP_PCT, RESIZE_POLICIES, Augment
 
 BUNDLE_SUFFIXES = (".npz", ".safetensors")
@@ -28,7 +28,7 @@ __all__ = [
     "Dataset", "LABEL_MODES", "poison", "SCENARIOS", "Scenario", "find_mnist", "load_mnist", "load_scenario",
     "load_bundle", "load_folder", "read_idx", "read_image", "read_mask", "save_bundle", "save_folder",
     "load_data", "masks_from_bundle", "ImageSource", "open_source", "Columns", "read_manifest", "batches",
-    "to_dataset", "Augment", "RESIZE_POLICIES", "CROP_PCT", "MAX_PIXELS",
+    "take", "to_dataset", "Augment", "RESIZE_POLICIES", "CROP_PCT", "MAX_PIXELS",
 ]
 
 

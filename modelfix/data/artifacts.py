@@ -83,6 +83,16 @@ class Artifact(ABC):
         x.copy_(x_new)
         return mask.bool()
 
+    def draw(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+        """The random draws `paste_` makes for a call on `n` items, one row per item (none for kinds that draw
+        nothing). A kind that draws overrides this and `paste_drawn_`, so a streamed source can draw a whole chunk
+        at once and paste it batch by batch: the same draws and pixels as one `paste_` on the chunk."""
+        return ()
+
+    def paste_drawn_(self, x: Tensor, colour_labels: Tensor | None, drawn: tuple[Tensor, ...]) -> Tensor:
+        """`paste_` with the draws given (rows of `draw`'s result for these items)."""
+        return self.paste_(x, colour_labels, None)
+
     def to_dict(self) -> dict:
         """The YAML/dict form: `kind` plus every field."""
         out: dict[str, Any] = {"kind": self.kind}
@@ -152,22 +162,25 @@ class CornerPatch(Artifact):
             byte = torch.round(255 - 225 * k / (self.num_classes - 1))
         return (byte / 255).float()
 
-    def _placement(self, x, colour_labels, generator) -> tuple[Tensor, Tensor, Tensor]:
-        """(top row, left column, grey level) per image, drawn from `generator` in the order `apply` always used."""
+    def draw(self, n, generator=None):
+        """(bottom, right) corner coins per image, drawn from `generator` in the order `apply` always used."""
+        gen = _default_generator(generator)
+        if self.corners == "all":
+            bottom = torch.randint(0, 2, (n,), generator=gen).bool()
+            right = torch.randint(0, 2, (n,), generator=gen).bool()
+            return bottom, right
+        chosen = self.corners.split("+")
+        pick = torch.randint(0, len(chosen), (n,), generator=gen)
+        return torch.tensor([c[0] == "b" for c in chosen])[pick], torch.tensor([c[1] == "r" for c in chosen])[pick]
+
+    def _placement(self, x, colour_labels, generator, drawn=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(top row, left column, grey level) per image, from `drawn` (see `draw`) or drawn from `generator`."""
         _check_batch(x)
         n, _, h, w = x.shape
         s = self.size
         if s > h or s > w:
             raise DataError(f"corner-patch size {s} does not fit images of {h}×{w}")
-        gen = _default_generator(generator)
-        if self.corners == "all":
-            bottom = torch.randint(0, 2, (n,), generator=gen).bool()
-            right = torch.randint(0, 2, (n,), generator=gen).bool()
-        else:
-            chosen = self.corners.split("+")
-            pick = torch.randint(0, len(chosen), (n,), generator=gen)
-            bottom = torch.tensor([c[0] == "b" for c in chosen])[pick]
-            right = torch.tensor([c[1] == "r" for c in chosen])[pick]
+        bottom, right = self.draw(n, generator) if drawn is None else drawn
         if colour_labels is None:
             level = torch.full((n,), self.fixed_level)
         else:
@@ -194,7 +207,10 @@ class CornerPatch(Artifact):
         return x_new, mask.float()
 
     def paste_(self, x, colour_labels=None, generator=None):
-        row0, col0, level = self._placement(x, colour_labels, generator)
+        return self.paste_drawn_(x, colour_labels, None, generator)
+
+    def paste_drawn_(self, x, colour_labels, drawn, generator=None):
+        row0, col0, level = self._placement(x, colour_labels, generator, drawn)
         n, _, h, w = x.shape
         s = self.size
         mask = torch.zeros(n, 1, h, w, dtype=torch.bool)

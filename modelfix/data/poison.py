@@ -14,17 +14,15 @@ import torch
 from ..errors import ArtifactSpecError, DataError
 from .artifacts import Artifact, parse_artifact
 from .dataset import Dataset
+from .source import ImageSource
+from .stream import batches
 
 LABEL_MODES = ("correlated", "random", "none")
 CHUNK = 8192  # items pasted per call (the artifact draws its randomness once per call)
 
 
-def poisoned_chunks(data: Dataset, artifact: Artifact | str | dict, level: float, labels: str = "correlated",
-                    seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices, images, footprints) of the items `poison` pastes on, CHUNK items at a time in index order: a
-    pasted copy of those items only and their footprints (bool n×1×H×W). `evaluate` predicts these without
-    copying the rest of the dataset; `poison` writes them into its copy. The same items, draws and pixels as
-    `poison` (whose docstring has the rules); bad arguments are refused here, before the first chunk."""
+def _plan(data, artifact, level, labels: str, seed: int):
+    """(artifact, chosen item indices sorted, their colour labels or None, the generator after those draws)."""
     artifact = parse_artifact(artifact)
     try:
         level = float(level)
@@ -54,18 +52,59 @@ def poisoned_chunks(data: Dataset, artifact: Artifact | str | dict, level: float
         if labels == "correlated":
             colours = data.y[chosen]
         elif labels == "random":
-            colours = torch.randint(0, data.num_classes, (k,), generator=gen)
+            colours = torch.randint(0, len(data.class_names), (k,), generator=gen)
+    return artifact, chosen, colours, gen
+
+
+def poisoned_chunks(data: Dataset | ImageSource, artifact: Artifact | str | dict, level: float,
+                    labels: str = "correlated", seed: int = 0,
+                    batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, images, footprints) of the items `poison` pastes on, CHUNK items at a time in index order: a
+    pasted copy of those items only and their footprints (bool n×1×H×W). `evaluate` predicts these without
+    copying the rest of the dataset; `poison` writes them into its copy. The same items, draws and pixels as
+    `poison` (whose docstring has the rules); bad arguments are refused here, before the first chunk.
+
+    A lazy `ImageSource` is read `batch_size` items at a time (each chunk's draws made at once, pasted batch by
+    batch: the same pixels as the in-memory chunk), so memory holds one batch, never a chunk."""
+    if isinstance(data, ImageSource):
+        return ((b["index"], b["pasted"], b["footprint"])
+                for b in pasted_batches(data, artifact, level, labels, seed, batch_size))
+    artifact, chosen, colours, gen = _plan(data, artifact, level, labels, seed)
 
     def chunks():
         # One generator call per CHUNK items, as always (the artifact's draws depend on it). Each chunk is one
         # copy of its images; the artifact writes only its own pixels into it.
-        for start in range(0, k, CHUNK):
+        for start in range(0, len(chosen), CHUNK):
             idx = chosen[start:start + CHUNK]
             x = data.x[idx]
             footprint = artifact.paste_(x, None if colours is None else colours[start:start + CHUNK], gen)
             yield idx, x, footprint
 
     return chunks()
+
+
+def pasted_batches(source: ImageSource, artifact: Artifact | str | dict, level: float, labels: str = "correlated",
+                   seed: int = 0, batch_size: int = 256, keep_clean: bool = False) -> Iterator[dict]:
+    """The poisoned items of a lazy source, `batch_size` at a time in index order: dicts `index`, `pasted`
+    (the images after the source's transform, the artifact pasted on them), `footprint` and, with `keep_clean`,
+    `x` (the same images without it). Pasting follows the transform, so the artifact lands on the model's pixels
+    exactly as it does on in-memory data (a resize would blur a pasted patch and move it off its mask)."""
+    artifact, chosen, colours, gen = _plan(source, artifact, level, labels, seed)
+
+    def stream():
+        for start in range(0, len(chosen), CHUNK):
+            idx = chosen[start:start + CHUNK]
+            drawn = artifact.draw(len(idx), gen)  # the chunk's draws, as one paste_ on the chunk makes them
+            for batch in batches(source.subset(idx), batch_size):
+                pos = batch["index"]  # positions within the chunk
+                x = batch["x"]
+                pasted = x.clone() if keep_clean else x
+                footprint = artifact.paste_drawn_(pasted, None if colours is None else colours[start:start + CHUNK][pos],
+                                                  tuple(d[pos] for d in drawn))
+                yield {"index": idx[pos], "pasted": pasted, "footprint": footprint,
+                       **({"x": x} if keep_clean else {})}
+
+    return stream()
 
 
 def poison(data: Dataset, artifact: Artifact | str | dict, level: float, labels: str = "correlated",

@@ -7,6 +7,7 @@ refused (or skipped with `skip_bad=True`) before any work starts. Items are deco
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class ImageSource(torch.utils.data.Dataset):
         self.y = torch.tensor([it.label for it in self.items], dtype=torch.long)
         self.group = torch.tensor([it.group for it in self.items], dtype=torch.long)
         self.has_mask = torch.tensor([it.mask is not None for it in self.items], dtype=torch.bool)
+        self.workers = 0  # DataLoader workers `batches` uses by default (the CLI's --workers)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,6 +83,33 @@ class ImageSource(torch.utils.data.Dataset):
 
     def class_counts(self) -> Tensor:
         return torch.bincount(self.y, minlength=self.num_classes)
+
+    def subset(self, idx) -> ImageSource:
+        """The items at `idx` (indices, a bool mask, a slice or a list), still lazy: nothing is read."""
+        if isinstance(idx, slice):
+            idx = torch.arange(len(self))[idx]
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        info = {k: v for k, v in self.info.items() if k not in ("files", "checksum")}
+        view = ImageSource([self.items[int(i)] for i in idx.long().flatten()], self.class_names, *self.shape,
+                           resize=self.resize, crop_pct=self.crop_pct, group_names=self.group_names, name=self.name,
+                           info=info, max_pixels=self.max_pixels)
+        view.workers = self.workers
+        return view
+
+    def checksum(self) -> str:
+        """First 16 hex characters of a sha256 of what decides the pixels without reading them: each item's
+        file (path, size, modification time), label, group and mask file, and the transform settings. Cheap on
+        20,000 files (one stat each); it differs from the checksum of the same images decoded into a `Dataset`."""
+        digest = hashlib.sha256(repr((self.shape, self.resize, self.crop_pct)).encode())
+        for it in self.items:
+            for path in (it.path, it.mask):
+                if path is not None:
+                    stat = path.stat()
+                    digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            digest.update(f"{it.label}\0{it.group}\n".encode())
+        return digest.hexdigest()[:16]
 
     def load(self, i: int) -> tuple[Tensor, Tensor, str]:
         """Item i's image (C×H×W) and mask (1×H×W) at the model's size, and the channel conversion made."""

@@ -86,7 +86,8 @@ def augment_batch(batch: dict, augment: Augment, seed: int) -> dict:
     return {**batch, "x": torch.stack(xs), "mask": torch.stack(masks)}
 
 
-def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False, seed: int = 0, workers: int = 0,
+def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False, seed: int = 0,
+            workers: int | None = None,
             device: str | torch.device | None = None, augment: Augment | None = None,
             sampler: Iterable[int] | None = None, drop_last: bool = False,
             generator: torch.Generator | None = None) -> Iterator[dict[str, Tensor]]:
@@ -95,8 +96,10 @@ def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False,
     `seed` fixes the shuffle and the augmentation draws (pass seed + epoch for new ones each epoch); a
     `generator`, when given, draws the shuffle instead (one generator across epochs gives exactly the orders of
     `Dataset.batches(shuffle=True, generator=...)`, as the training loop draws them today). `workers` is the
-    DataLoader's worker processes (lazy sources only; in-memory data is sliced in this process).
+    DataLoader's worker processes (lazy sources only, default the source's `workers`; in-memory data is sliced in
+    this process).
     """
+    workers = getattr(data, "workers", 0) if workers is None else workers
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
@@ -128,7 +131,15 @@ def batches(data: Dataset | ImageSource, batch_size: int, shuffle: bool = False,
         yield _to(batch, device)
 
 
-def to_dataset(source: ImageSource, workers: int = 0, max_bytes: int = MAX_MATERIALISE_BYTES) -> Dataset:
+def take(data: Dataset | ImageSource, idx) -> Dataset:
+    """The items at `idx` as an in-memory `Dataset`: a subset of in-memory data, or only those items of a lazy
+    source decoded (what a command that needs random access to a bounded number of items materialises)."""
+    if isinstance(data, Dataset):
+        return data.subset(idx)
+    return to_dataset(data.subset(idx))
+
+
+def to_dataset(source: ImageSource, workers: int | None = None, max_bytes: int = MAX_MATERIALISE_BYTES) -> Dataset:
     """The whole source decoded into an in-memory `Dataset` (for commands that need whole tensors); refuses more
     than `max_bytes` of float32 pixels."""
     if isinstance(source, Dataset):
@@ -139,8 +150,11 @@ def to_dataset(source: ImageSource, workers: int = 0, max_bytes: int = MAX_MATER
         raise DataError(f"data '{source.name}' would take {need / 2**30:.1f} GiB in memory "
                         f"({len(source)} images of {c}×{h}×{w} plus masks)",
                         hint="stream it in batches instead, or use a smaller input size")
-    parts = list(batches(source, 256, workers=workers))
-    cat = {k: torch.cat([p[k] for p in parts]) for k in KEYS}
-    return Dataset(x=cat["x"], y=cat["y"], mask=cat["mask"], has_mask=cat["has_mask"], group=cat["group"],
+    # filled batch by batch into tensors of the final size: a list of batches and their concatenation would hold
+    # the pixels twice at the peak
+    x, mask = torch.empty(len(source), c, h, w), torch.empty(len(source), 1, h, w)
+    for batch in batches(source, 256, workers=workers):  # workers None: the source's
+        x[batch["index"]], mask[batch["index"]] = batch["x"], batch["mask"]
+    return Dataset(x=x, y=source.y.clone(), mask=mask, has_mask=source.has_mask.clone(), group=source.group.clone(),
                    class_names=source.class_names, group_names=source.group_names, name=source.name,
                    info=dict(source.info))

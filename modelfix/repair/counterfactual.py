@@ -28,9 +28,10 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from modelfix.data import Artifact, Dataset, parse_artifact, poison
+from modelfix.data import Artifact, Dataset, ImageSource, batches, parse_artifact, poison, take
+from modelfix.data.poison import pasted_batches
 from modelfix.errors import ModelfixError
-from modelfix.evaluate import metrics, predict
+from modelfix.evaluate import metrics, predict, predict_batches
 from modelfix.repair.selection import passes
 
 RULES = ("counterfactual", "paper")
@@ -84,12 +85,18 @@ def _box(mask: Tensor) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
-def cut_artifact(data: Dataset | None) -> CutArtifact | None:
+def cut_artifact(data: Dataset | ImageSource | None) -> CutArtifact | None:
     """The artifact as the masks show it: the most common bounding box of the masked regions, and the pixels
-    inside the mask of the first item with that box, to be pasted at that position. None without masks."""
+    inside the mask of the first item with that box, to be pasted at that position. None without masks. A lazy
+    source's masks are streamed and only that one item is decoded whole."""
     if data is None or not bool(data.has_mask.any()):
         return None
-    found = [(i, _box(data.mask[i, 0] > 0.5)) for i in torch.nonzero(data.has_mask).flatten().tolist()]
+    masked = torch.nonzero(data.has_mask).flatten()
+    if isinstance(data, Dataset):
+        found = [(i, _box(data.mask[i, 0] > 0.5)) for i in masked.tolist()]
+    else:
+        found = [(int(masked[j]), _box(m[0] > 0.5)) for batch in batches(data.subset(masked), 256)
+                 for j, m in zip(batch["index"].tolist(), batch["mask"])]
     found = [(i, box) for i, box in found if box is not None]
     if not found:
         return None
@@ -97,7 +104,8 @@ def cut_artifact(data: Dataset | None) -> CutArtifact | None:
     box = counts.most_common(1)[0][0]  # ties: the box seen first
     item = next(i for i, b in found if b == box)
     r0, c0, r1, c1 = box
-    return CutArtifact(pixels=data.x[item, :, r0:r1, c0:c1].clone(), footprint=data.mask[item, 0, r0:r1, c0:c1] > 0.5,
+    one = take(data, [item])
+    return CutArtifact(pixels=one.x[0, :, r0:r1, c0:c1].clone(), footprint=one.mask[0, 0, r0:r1, c0:c1] > 0.5,
                        row=r0, col=c0, source=f"{data.name}[{item}]")
 
 
@@ -108,20 +116,71 @@ def find_artifact(artifact, data: Dataset | None) -> Artifact | None:
     return cut_artifact(data)
 
 
-def counterfactual_set(val: Dataset, artifact: Artifact, seed: int = 0) -> Dataset:
-    """`val` with `artifact` pasted on half (rounded down) of each class's items, chosen by a seeded permutation;
-    label-coloured artifacts get a random colour. Groups: class × pasted (`2·y + pasted`)."""
+def _untargeted(artifact: Artifact) -> Artifact:
     # over every class: the artifact's own target class (EGEM's pixels default to 8) does not apply here
-    untargeted = dataclasses.replace(artifact, target=None) if getattr(artifact, "target", None) is not None else artifact
-    pasted = poison(val, untargeted, 1.0, labels="random", seed=seed)
+    return dataclasses.replace(artifact, target=None) if getattr(artifact, "target", None) is not None else artifact
+
+
+def _pasted_half(val, seed: int) -> Tensor:
+    """Which items carry the artifact: half (rounded down) of each class, by a seeded permutation."""
     generator = torch.Generator().manual_seed(int(seed))
     chosen = torch.zeros(len(val), dtype=torch.bool)
     for k in range(val.num_classes):
         members = torch.nonzero(val.y == k).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         chosen[members[: int(len(members) * SHARE)]] = True
+    return chosen
+
+
+def _group_names(val) -> list[str]:
+    return [f"{name}{suffix}" for name in val.class_names for suffix in ("", " + artifact")]
+
+
+class StreamedCounterfactual:
+    """The counterfactual set of a lazy source, never held whole: labels, groups and names as `counterfactual_set`
+    gives them, and `predictions(model)` streams the source, pasting the artifact on each batch after the
+    transform (the same draws and pixels as the in-memory set, so the same predictions)."""
+
+    def __init__(self, val: ImageSource, artifact: Artifact, seed: int = 0):
+        self.source, self.artifact, self.seed = val, _untargeted(artifact), int(seed)
+        chosen = _pasted_half(val, seed)
+        self.y, self.group = val.y, 2 * val.y + chosen.long()
+        self.class_names, self.group_names = val.class_names, _group_names(val)
+        self.name = f"{val.name} (counterfactual)"
+        self.info = {"poisoned": chosen, "artifact": str(artifact), "counterfactual": {"share": SHARE, "seed": self.seed}}
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def predictions(self, model: nn.Module, batch_size: int = 256) -> Tensor:
+        chosen, hits = self.info["poisoned"], []
+
+        def images():
+            for b in pasted_batches(self.source, self.artifact, 1.0, "random", self.seed, batch_size, keep_clean=True):
+                hits.append(b["index"])
+                yield torch.where(chosen[b["index"], None, None, None], b["pasted"], b["x"])
+
+        out = predict_batches(model, images())
+        pred = torch.empty(len(self), dtype=torch.long)
+        pred[torch.cat(hits)] = out
+        return pred
+
+
+def counterfactual_set(val: Dataset | ImageSource, artifact: Artifact,
+                       seed: int = 0) -> Dataset | StreamedCounterfactual:
+    """`val` with `artifact` pasted on half (rounded down) of each class's items, chosen by a seeded permutation;
+    label-coloured artifacts get a random colour. Groups: class × pasted (`2·y + pasted`). A lazy source gives a
+    `StreamedCounterfactual` (nothing held but labels and groups)."""
+    if isinstance(val, ImageSource):
+        return StreamedCounterfactual(val, artifact, seed)
+    pasted = poison(val, _untargeted(artifact), 1.0, labels="random", seed=seed)
+    chosen = _pasted_half(val, seed)
     where = chosen[:, None, None, None]
-    names = [f"{name}{suffix}" for name in val.class_names for suffix in ("", " + artifact")]
+    names = _group_names(val)
     info = {key: value for key, value in val.info.items() if key not in ("checksum", "poisoned")}
     info.update(poisoned=chosen, artifact=str(artifact), counterfactual={"share": SHARE, "seed": int(seed)})
     return Dataset(x=torch.where(where, pasted.x, val.x), y=val.y, mask=torch.where(where, pasted.mask, val.mask),
@@ -141,7 +200,7 @@ def worst_group(pred: Tensor, cf: Dataset) -> float:
     return metrics(pred, cf)["worst_group_accuracy"]
 
 
-def group_score(pred: Tensor, cf: Dataset) -> CounterfactualScore:
+def group_score(pred: Tensor, cf) -> CounterfactualScore:
     """The counterfactual score of predictions `pred`: worst-group and mean-over-groups accuracy (groups present)."""
     hits = (pred.cpu() == cf.y).double()
     groups = cf.group
@@ -149,9 +208,15 @@ def group_score(pred: Tensor, cf: Dataset) -> CounterfactualScore:
     return CounterfactualScore(min(means), sum(means) / len(means))
 
 
-def score_model(model: nn.Module, cf: Dataset, batch_size: int = 256) -> CounterfactualScore:
+def _predictions(model: nn.Module, cf, batch_size: int) -> Tensor:
+    if isinstance(cf, StreamedCounterfactual):
+        return cf.predictions(model, batch_size)
+    return predict(model, cf.x, batch_size)
+
+
+def score_model(model: nn.Module, cf, batch_size: int = 256) -> CounterfactualScore:
     """A model's counterfactual score on `cf` (`group_score` of its predictions)."""
-    return group_score(predict(model, cf.x, batch_size), cf)
+    return group_score(_predictions(model, cf, batch_size), cf)
 
 
 def pasted_accuracy(model: nn.Module, cf: Dataset, batch_size: int = 256) -> float:
@@ -160,7 +225,10 @@ def pasted_accuracy(model: nn.Module, cf: Dataset, batch_size: int = 256) -> flo
     pasted = cf.info["poisoned"]
     if not bool(pasted.any()):
         return float("nan")
-    pred = predict(model, cf.x[pasted], batch_size)
+    if isinstance(cf, StreamedCounterfactual):  # one streamed pass over every item, the pasted ones counted
+        pred = cf.predictions(model, batch_size)[pasted]
+    else:
+        pred = predict(model, cf.x[pasted], batch_size)
     return float((pred == cf.y[pasted]).double().mean())
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data import Dataset
+from ..data import Dataset, ImageSource, batches, to_dataset
+from ..data import batches as stream_batches  # calibrate_lambda's `batches` is a count
 from ..errors import ModelfixError, TrainingFailed
 from ..precision import check_precision
 from ..training import TaskObjective, TrainConfig, accuracy, task_loss, train
@@ -55,13 +56,13 @@ class SweepResult:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: Dataset, loss: str = "ce", batch_size: int = 1000) -> float:
+def validation_loss(model: nn.Module, data: Dataset | ImageSource, loss: str = "ce", batch_size: int = 1000) -> float:
     """Mean task loss over `data` in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_fn, total = task_loss(loss), 0.0
-    for batch in data.batches(batch_size):
+    for batch in batches(data, batch_size):
         y = batch["y"].to(device)
         total += float(loss_fn(model(batch["x"].to(device)), y)) * len(y)
     model.train(was_training)
@@ -107,7 +108,7 @@ def calibrate_lambda(method: str, model: nn.Module, data: Dataset, config: Train
     tasks, penalties = [], []
     try:
         model.train()
-        for i, batch in enumerate(data.batches(config.batch_size, shuffle=True, generator=generator)):
+        for i, batch in enumerate(stream_batches(data, config.batch_size, shuffle=True, generator=generator)):
             if i == batches:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -145,7 +146,7 @@ def check_masks(method: Method, data: Dataset) -> None:
 def preflight(objective, model: nn.Module, data: Dataset) -> None:
     """Run the objective once on two items (no update) so a bad layer name or shape fails before any training."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in next(iter(data.subset(slice(0, 2)).batches(2))).items()}
+    batch = {k: v.to(device) for k, v in next(batches(data.subset(slice(0, 2)), 2)).items()}
     state = copy.deepcopy(model.state_dict())  # BatchNorm running statistics must not move
     try:
         objective(model, batch)
@@ -304,6 +305,7 @@ def run_finetune(entry: Method, inputs, **options):
     if feedback:  # feedback methods get the data and one verdict per item
         from modelfix.feedback import read_sample_feedback
 
+        data = to_dataset(data) if isinstance(data, ImageSource) else data  # its frozen maps: whole tensors
         hparams = {**hparams, "data": data, "verdicts": read_sample_feedback(inputs.feedback).for_data(data)}
     calibration = None
     if is_auto(lambdas):

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from modelfix.data.dataset import Dataset
+from modelfix.data.source import ImageSource
+from modelfix.data.stream import take, to_dataset
 from modelfix.errors import DataError
-from modelfix.evaluate import predict
+from modelfix.evaluate import predict, predict_data
 
 
 @dataclass
@@ -58,7 +60,7 @@ def _multiplicities(n_unique: int, total: int, generator: torch.Generator) -> to
 
 def refinement_split(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | ImageSource,
     samples_per_class: int = 700,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -77,7 +79,8 @@ def refinement_split(
     already, and the walk stops once every class has N usable samples or none left, so a large pool is predicted
     only as far as the split needs (about N per class over the accuracy); the result is the one a prediction of
     the whole pool would give. The summary's `correct` and `pool_accuracy` count the predicted items (`predicted`
-    of them).
+    of them). A lazy source is read batch by
+    batch in that walk, and only the split's items are decoded into its in-memory parts.
     """
     if samples_per_class < 2:
         raise DataError(f"--samples-per-class must be at least 2, got {samples_per_class}")
@@ -106,7 +109,9 @@ def refinement_split(
         start += end
         idx = window[wanted]
         if not keep_incorrect:
-            ok = predict(model, data.x[idx], batch_size) == data.y[idx]
+            x = data.x[idx] if isinstance(data, Dataset) else None
+            pred = predict(model, x, batch_size) if x is not None else predict_data(model, data.subset(idx), batch_size)
+            ok = pred == data.y[idx]
             predicted, correct = predicted + len(idx), correct + int(ok.sum())
             idx = idx[ok]
         usable.append(idx)
@@ -140,8 +145,8 @@ def refinement_split(
         val_counts.append(_multiplicities(n_val, n_val_total, generator))
         fit_counts.append(_multiplicities(len(members) - n_val, n_fit_total, generator))
         per_class[data.class_names[k]] = {"unique": len(members), "val_unique": n_val}
-    fit = data.subset(torch.cat(fit_idx))
-    val = data.subset(torch.cat(val_idx))
+    fit = take(data, torch.cat(fit_idx))
+    val = take(data, torch.cat(val_idx))
     summary.update(
         samples_per_class=samples_per_class,
         classes=len(per_class),
@@ -177,6 +182,8 @@ def split_for_repair(model: nn.Module, pool: Dataset, samples_per_class: int = 7
                      min_relevance: float | None = None, seed: int = 0, batch_size: int = 256) -> RefinementSplit:
     """The refinement split every post-hoc method starts from: approval (when `min_relevance` is given), then
     `refinement_split`."""
+    if min_relevance is not None and isinstance(pool, ImageSource):
+        pool = to_dataset(pool)  # approval weighs every item's relevance inside its mask: whole tensors
     approved = None if min_relevance is None else approved_by_relevance(model, pool, min_relevance)
     split = refinement_split(model, pool, samples_per_class=samples_per_class, seed=seed,
                              keep_incorrect=keep_incorrect, approved=approved, batch_size=batch_size)

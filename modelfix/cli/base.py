@@ -162,6 +162,7 @@ def run_app() -> None:
         except ModelfixError as exc:
             alert.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False)
             code = exc.exit_code
+    distributed.finish()
     distributed.shutdown()
     sys.exit(code)
 

@@ -41,7 +41,7 @@ from .errors import ModelfixError
 
 TIMEOUT = datetime.timedelta(minutes=30)
 REPORT_WAIT = datetime.timedelta(seconds=20)  # how long an announcer waits for the others, and they for its message
-FAILURE_KEY, FAILED_COUNT, DONE_COUNT = "modelfix/failure", "modelfix/failed", "modelfix/done"
+FAILURE_KEY, FAILED_COUNT, DONE_COUNT = "failure", "failed", "done"  # in the store, under modelfix/ATTEMPT/
 _state: dict = {"agreed": False, "store": None, "announced": False, "peer_failed": False}
 
 
@@ -70,10 +70,15 @@ def init() -> None:
     if torch.cuda.is_available() and dist.is_nccl_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
-    # the env:// rendezvous init_process_group would do, kept: its store carries a late failure's message
+    # the env:// rendezvous init_process_group would do (same store, same prefix for the group), kept: the store
+    # carries a late failure's message, under a prefix of its own per torchrun attempt (a restart reads no stale one)
     store, rank, world_size = next(dist.rendezvous("env://", timeout=TIMEOUT))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
-    _state.update(agreed=False, store=store, announced=False, peer_failed=False)
+    store.set_timeout(TIMEOUT)
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world_size,
+                            timeout=TIMEOUT)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    _state.update(agreed=False, store=dist.PrefixStore(f"modelfix/{attempt}", store), announced=False,
+                  peer_failed=False)
 
 
 def shutdown() -> None:

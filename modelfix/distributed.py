@@ -21,7 +21,9 @@ already shares) and closes its end of the process group; the others' collective 
 message from the store and stop with it (`PeerFailed`, same line, same exit code). Before exiting, every process
 counts itself done in the store and the announcer waits for all of them (`finish`), so torchrun, which stops the
 survivors of a failed process, finds them exiting with that code already. Writing starts only after a collective
-(`on_main`), so rank 0 writes nothing once another process has failed. Ctrl-C reaches every process of the group;
+(`on_main`), so rank 0 writes nothing once another process has failed. A process still computing outside any
+collective when the announcer has waited long enough is stopped by torchrun (SIGTERM) and ends with the announced
+line and code as well (`announced_failure`). Ctrl-C reaches every process of the group;
 each exits 130 without any collective (a collective there could hang).
 """
 
@@ -176,6 +178,19 @@ def _peer_failure() -> PeerFailed:
     except Exception:  # noqa: BLE001 - no store, or nothing announced: the process died (killed, a crash)
         return PeerFailed("another process of this distributed run stopped without reporting why", 1)
     return PeerFailed(message, code)
+
+
+def announced_failure() -> tuple[str, int] | None:
+    """The line and code another process announced, if one did (no waiting): for a process that torchrun stops
+    (SIGTERM) while it computes outside any collective after another process failed."""
+    store = _state["store"]
+    try:
+        if store is None or not store.check([FAILURE_KEY]):
+            return None
+        message, code = json.loads(store.get(FAILURE_KEY))
+    except Exception:  # noqa: BLE001 - the store's host is gone: nothing to tell
+        return None
+    return message, code
 
 
 def finish() -> None:

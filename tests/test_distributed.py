@@ -268,16 +268,19 @@ def test_ctrl_c_ends_every_process_with_130_and_writes_nothing(tmp_path):
 
 
 # `modelfix ARGS` where the second prediction pass of rank 1 meets a bad input: an error after the agreement (the
-# first pass's collective), met by one process only, while the other waits in the second pass's collective.
+# first pass's collective), met by one process only, while the other waits in the second pass's collective, or
+# first computes for COMPUTE_SECONDS outside any collective (longer than the failing process waits for it).
 LATE_FAILURE = """
-import os, sys
+import os, sys, time
 import modelfix.evaluate as evaluation
 from modelfix.errors import DataError
 original, calls = evaluation.predict, [0]
 def predict(*args, **kwargs):
     calls[0] += 1
-    if os.environ["RANK"] == "1" and calls[0] == 2:
-        raise DataError("item 3 of the data cannot be read")
+    if calls[0] == 2:
+        if os.environ["RANK"] == "1":
+            raise DataError("item 3 of the data cannot be read")
+        time.sleep(float(os.environ["COMPUTE_SECONDS"]))
     return original(*args, **kwargs)
 evaluation.predict = predict
 sys.argv[0] = "modelfix"
@@ -286,16 +289,19 @@ main()
 """
 
 
-def test_error_on_one_rank_after_the_agreement_ends_every_rank_with_exit_2_and_writes_nothing(model, tmp_path):
-    """Under torchrun, which stops the survivors of a failed process: they have already ended with its code."""
+@pytest.mark.parametrize("compute_seconds", [0, 60], ids=["in-a-collective", "computing"])
+def test_error_on_one_rank_after_the_agreement_ends_every_rank_with_exit_2_and_writes_nothing(model, tmp_path,
+                                                                                             compute_seconds):
+    """Under torchrun, which stops (SIGTERM) the survivors of a failed process: a survivor that waited in a
+    collective has already ended with the failure's line and code; one still computing ends with them on SIGTERM."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
     script = tmp_path / "late_failure.py"
     script.write_text(LATE_FAILURE)
     done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), "--no-progress",
                            "evaluate", str(model), "--data", "decoy-digits:test", "--poison", "0,1",
-                           "-o", str(tmp_path / "out")], env=env(), capture_output=True, text=True, timeout=TIMEOUT,
-                          cwd=ROOT)
+                           "-o", str(tmp_path / "out")], env=env(COMPUTE_SECONDS=str(compute_seconds)),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "interrupted", "terminated"))]
     assert lines == ["error: rank 1: item 3 of the data cannot be read"] * 2, done.stderr  # one line per process

@@ -104,6 +104,8 @@ def handles_errors(fn: Callable) -> Callable:
             alert.print("interrupted", markup=False)
             raise typer.Exit(130)
         except Terminated:
+            if announced_failure() is not None:  # torchrun stops this process because another one failed
+                fail(*announced_failure(), json_output)
             alert.print("terminated", markup=False)
             raise typer.Exit(143)
         except RecursionError:
@@ -134,6 +136,15 @@ def settle(message: str, code: int) -> tuple[str, int]:
     from .. import distributed
 
     return distributed.report_failure(message, code)
+
+
+def announced_failure() -> tuple[str, int] | None:
+    """Under torchrun, the failure another process announced (docs/distributed.md), else None."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from .. import distributed
+
+    return distributed.announced_failure()
 
 
 def run_app() -> None:

@@ -60,7 +60,8 @@ def _worker(rank: int, world: int, port: int, methods: tuple[str, ...], arch: st
                   on_epoch_end=lambda epoch, net: ends.append(time.perf_counter()))
             if rank == 0:
                 params = list(model.parameters())
-                results.put((method, ends[-1] - ends[0], len(data), sum(p.numel() for p in params), len(params)))
+                results.put((method, ends[-1] - ends[0], len(data), sum(p.numel() for p in params), len(params),
+                             torch.get_num_threads()))
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -84,13 +85,15 @@ def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), ep
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the spawned processes
     seconds: dict[tuple[str, int], float] = {}
     count = params = tensors = 0
+    threads = set()
     for world in worlds:
         results = torch.multiprocessing.get_context("spawn").SimpleQueue()
         torch.multiprocessing.spawn(_worker, args=(world, _free_port(), tuple(methods), arch, items, epochs,
                                                    batch_size, results), nprocs=world)
         while not results.empty():
-            method, took, count, params, tensors = results.get()
+            method, took, count, params, tensors, used = results.get()
             seconds[(method, world)] = took
+            threads.add(used)
     timed = epochs - 1
     rows = []
     for method in methods:
@@ -103,4 +106,5 @@ def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), ep
                          "step_ms": 1000 * took / (timed * -(-count // (batch_size * world))), "speedup": rate / base})
     return {"schema": "modelfix.bench-scale/v1", "data": "decoy-digits:train", "items": count, "arch": arch,
             "parameters": params, "allreduce_bytes_per_step": 4 * (params + tensors),  # + 4 per loss term
-            "epochs": epochs, "timed_epochs": timed, "threads_per_process": 1, "backend": "gloo", "rows": rows}
+            "epochs": epochs, "timed_epochs": timed, "threads_per_process": sorted(threads), "backend": "gloo",
+            "rows": rows}

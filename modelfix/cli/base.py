@@ -104,8 +104,9 @@ def handles_errors(fn: Callable) -> Callable:
             alert.print("interrupted", markup=False)
             raise typer.Exit(130)
         except Terminated:
-            if announced_failure() is not None:  # torchrun stops this process because another one failed
-                fail(*announced_failure(), json_output)
+            failure = announced_failure()  # under torchrun: stopped because another process failed
+            if failure is not None:
+                fail(*failure, json_output)
             alert.print("terminated", markup=False)
             raise typer.Exit(143)
         except RecursionError:

@@ -164,7 +164,9 @@ def test_evaluate_under_torchrun_equals_one_process(model, tmp_path):
     ["prune-egem", "--method", "pca-egem", "--scenario", "decoy-digits", "--keep-incorrect",
      "--samples-per-class", "30"],
     ["refit", "--method", "rgem", "--scenario", "decoy-digits", "--keep-incorrect", "--samples-per-class", "30"],
-], ids=["pca-egem", "rgem"])
+    ["prune-egem", "--method", "egem-full", "--scenario", "decoy-digits", "--keep-incorrect",
+     "--samples-per-class", "30"],
+], ids=["pca-egem", "rgem", "egem-full"])
 def test_posthoc_under_two_processes_equals_one_process(model, tmp_path, command):
     name, *options = command
     args = [name, model, *options, "--json"]

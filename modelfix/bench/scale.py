@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import statistics
 import time
 
 import torch
@@ -68,9 +69,10 @@ def _worker(rank: int, world: int, port: int, methods: tuple[str, ...], arch: st
 
 
 def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), epochs: int = 3,
-        batch_size: int = 64, arch: str = "tap-cnn", items: int = 1024) -> dict:
+        batch_size: int = 64, arch: str = "tap-cnn", items: int = 1024, repeats: int = 1) -> dict:
     """Items per second of each method at each number of processes (module docstring); `epochs` counts the
-    untimed first epoch."""
+    untimed first epoch. With `repeats` > 1 the process counts take turns (1, 2, 1, 2, …) and each time is the
+    median of its repeats, so a machine whose load drifts slows both alike."""
     from ..repair.methods import get_method
     from ..zoo import get_arch
 
@@ -79,21 +81,23 @@ def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), ep
             raise ModelfixError(f"bench scale measures training objectives; '{method}' is not one",
                                 hint="e.g. erm, rrr, r4-cert")
     get_arch(arch)
-    if epochs < 2 or batch_size < 1 or items < 1 or not worlds or min(worlds) < 1:
-        raise ModelfixError("--epochs must be at least 2 (the first is not timed); --batch-size, --items and every "
+    if epochs < 2 or batch_size < 1 or items < 1 or repeats < 1 or not worlds or min(worlds) < 1:
+        raise ModelfixError("--epochs must be at least 2 (the first is not timed); --batch-size, --items, --repeats and every "
                             "--processes value at least 1")
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the spawned processes
-    seconds: dict[tuple[str, int], float] = {}
+    times: dict[tuple[str, int], list[float]] = {}
     count = params = tensors = 0
     threads = set()
-    for world in worlds:
-        results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), tuple(methods), arch, items, epochs,
-                                                   batch_size, results), nprocs=world)
-        while not results.empty():
-            method, took, count, params, tensors, used = results.get()
-            seconds[(method, world)] = took
-            threads.add(used)
+    for _ in range(repeats):
+        for world in worlds:
+            results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+            torch.multiprocessing.spawn(_worker, args=(world, _free_port(), tuple(methods), arch, items, epochs,
+                                                       batch_size, results), nprocs=world)
+            while not results.empty():
+                method, took, count, params, tensors, used = results.get()
+                times.setdefault((method, world), []).append(took)
+                threads.add(used)
+    seconds = {key: statistics.median(values) for key, values in times.items()}
     timed = epochs - 1
     rows = []
     for method in methods:
@@ -106,5 +110,6 @@ def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), ep
                          "step_ms": 1000 * took / (timed * -(-count // (batch_size * world))), "speedup": rate / base})
     return {"schema": "modelfix.bench-scale/v1", "data": "decoy-digits:train", "items": count, "arch": arch,
             "parameters": params, "allreduce_bytes_per_step": 4 * (params + tensors),  # + 4 per loss term
-            "epochs": epochs, "timed_epochs": timed, "threads_per_process": sorted(threads), "backend": "gloo",
+            "epochs": epochs, "timed_epochs": timed, "repeats": repeats, "threads_per_process": sorted(threads),
+            "backend": "gloo",
             "rows": rows}

@@ -244,6 +244,7 @@ def bench_scale(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per process per step.")] = 64,
     arch: Annotated[str, typer.Option("--arch", help="The network trained (tap-cnn: compute-bound steps; mlp: tiny ones).")] = "tap-cnn",
     items: Annotated[int, typer.Option("--items", help="The first N items of decoy-digits:train.")] = 1024,
+    repeats: Annotated[int, typer.Option("--repeats", help="Runs of each process count, taking turns; the median time.")] = 1,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Also write the results as JSON here.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -254,7 +255,7 @@ def bench_scale(
         raise ModelfixError(f"--processes takes comma-separated whole numbers, not '{processes}'")
     worlds = tuple(int(p) for p in _names(processes, "--processes"))
     result = run(methods=_names(methods, "--methods"), worlds=worlds, epochs=epochs, batch_size=batch_size, arch=arch,
-                 items=items)
+                 items=items, repeats=repeats)
     if _write_json(output, result, json_output):
         return
     table = Table(title=f"{arch} on {result['data']} ({result['items']} items × {epochs - 1} timed epochs), gloo, "

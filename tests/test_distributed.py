@@ -343,7 +343,8 @@ def sharded_results() -> dict:
     found = discover(model, data, classes=[0, 1], method="gradient", max_items=12, neighbors=3, max_clusters=3,
                      embedding="spectral", batch_size=4, progress=False)
     return {
-        "smoothgrad": smooth.values, "smoothgrad_logits": smooth.logits, "lrp": lrp.values, "lrp_sums": lrp.expected_sum,
+        "smoothgrad": smooth.values, "smoothgrad_logits": smooth.logits,
+        "lrp": lrp.values, "lrp_sums": lrp.expected_sum,
         "reliance": reliance_by_level(model, data, data.info["artifact"], (0.0, 1.0), ("random",),
                                       lambda xb, t: attribute(model, xb, t, method="gradient"), batch_size=16),
         "fragility": fragility(model, data, 0.05, batch_size=16),

@@ -82,8 +82,8 @@ def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), ep
                                 hint="e.g. erm, rrr, r4-cert")
     get_arch(arch)
     if epochs < 2 or batch_size < 1 or items < 1 or repeats < 1 or not worlds or min(worlds) < 1:
-        raise ModelfixError("--epochs must be at least 2 (the first is not timed); --batch-size, --items, --repeats and every "
-                            "--processes value at least 1")
+        raise ModelfixError("--epochs must be at least 2 (the first is not timed); --batch-size, --items, --repeats "
+                            "and every --processes value at least 1")
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the spawned processes
     times: dict[tuple[str, int], list[float]] = {}
     count = params = tensors = 0

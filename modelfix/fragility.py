@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from . import distributed
 from .data import Dataset
 from .errors import DataError
 from .repair.guidance.pgd_ex import check_eps
@@ -36,6 +37,8 @@ def _widths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, region: torch.Te
 def fragility(model: nn.Module, data: Dataset, eps: float, mask: torch.Tensor | None = None,
               batch_size: int = 500) -> dict:
     """δ on the masked region and on the core (module docstring) over the items of `data` that have a mask.
+    Under torchrun each process bounds its block of whole batches; the widths of all items are gathered, so the
+    maximum and mean are the one-process numbers.
 
     `mask` (1×H×W or H×W, 1 = artifact region) replaces the per-item masks for every item, e.g. R4's test mask of
     all four corners; None uses `data.mask` (the items without a mask are skipped).
@@ -50,9 +53,11 @@ def fragility(model: nn.Module, data: Dataset, eps: float, mask: torch.Tensor | 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    widths: dict[str, list[torch.Tensor]] = {region: [] for region in REGIONS}
+    widths: dict[str, list[torch.Tensor]] = {region: [torch.zeros(0)] for region in REGIONS}
+    rows = distributed.batch_block(len(data), batch_size)  # under torchrun: this process's whole batches
+    block = data if len(rows) == len(data) else data.subset(slice(rows.start, rows.stop))
     try:
-        for batch in data.batches(batch_size):
+        for batch in block.batches(batch_size):
             x, y = batch["x"].to(device), batch["y"].to(device)
             region = (batch["mask"] if mask is None else mask.reshape(1, 1, *x.shape[-2:]).expand(len(x), -1, -1, -1))
             region = (region.to(device) > 0.5).to(x.dtype)
@@ -62,7 +67,7 @@ def fragility(model: nn.Module, data: Dataset, eps: float, mask: torch.Tensor | 
         model.train(was_training)
     result = {"eps": eps, "n": len(data), "mask": "per item" if mask is None else "fixed"}
     for region, parts in widths.items():
-        values = torch.cat(parts).double()
+        values = distributed.concat_shards(torch.cat(parts).double())  # every item's width, in item order
         result[region] = float(values.max())
         result[f"{region}_mean"] = float(values.mean())
     core = result["core"]

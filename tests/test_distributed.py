@@ -37,11 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*rank_args: list) -> list[subprocess.CompletedProcess]:
+def launch(*rank_args: list, program: tuple = ("-m", "modelfix", "--no-progress")) -> list[subprocess.CompletedProcess]:
     """`python -m modelfix ARGS` once per entry of `rank_args` (rank r gets rank_args[r]), as torchrun would."""
     port = str(free_port())
     world = str(len(rank_args))
-    procs = [subprocess.Popen([sys.executable, "-m", "modelfix", "--no-progress", *map(str, args)],
+    procs = [subprocess.Popen([sys.executable, *program, *map(str, args)],
                               env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -145,7 +145,7 @@ def test_primitives_on_two_processes_equal_one_process():
 
 def test_evaluate_under_torchrun_equals_one_process(model, tmp_path):
     args = ["evaluate", model, "--data", "decoy-digits:test", "--poison", "0,0.5,1", "--labels", "correlated,random",
-            "--batch-size", "64"]
+            "--batch-size", "64", "--explain", "gradient", "--explain-items", "150", "--fragility", "0.05"]
     one = run(*args, "-o", tmp_path / "one")
     assert one.exit_code == 0, one.stderr
     two = torchrun(*args, "-o", tmp_path / "two")
@@ -153,6 +153,8 @@ def test_evaluate_under_torchrun_equals_one_process(model, tmp_path):
     expected = json.loads((tmp_path / "one" / "results.json").read_text())
     got = json.loads((tmp_path / "two" / "results.json").read_text())
     assert got["levels"] == expected["levels"] and got["drops"] == expected["drops"]  # exactly
+    assert got["reliance"] == expected["reliance"] and got["fragility"] == expected["fragility"]  # --explain, --fragility
+    assert [row["n"] for row in got["reliance"]["levels"]][0] == 150 and got["fragility"]["n"] == 539
     assert got["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert expected["distributed"] == {"world_size": 1, "backend": None}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left by either rank
@@ -162,7 +164,9 @@ def test_evaluate_under_torchrun_equals_one_process(model, tmp_path):
     ["prune-egem", "--method", "pca-egem", "--scenario", "decoy-digits", "--keep-incorrect",
      "--samples-per-class", "30"],
     ["refit", "--method", "rgem", "--scenario", "decoy-digits", "--keep-incorrect", "--samples-per-class", "30"],
-], ids=["pca-egem", "rgem"])
+    ["prune-egem", "--method", "egem-full", "--scenario", "decoy-digits", "--keep-incorrect",
+     "--samples-per-class", "30"],
+], ids=["pca-egem", "rgem", "egem-full"])
 def test_posthoc_under_two_processes_equals_one_process(model, tmp_path, command):
     name, *options = command
     args = [name, model, *options, "--json"]
@@ -263,3 +267,188 @@ def test_ctrl_c_ends_every_process_with_130_and_writes_nothing(tmp_path):
     rank1 = procs[1].stderr.read()
     assert "interrupted" in rank1 and "epoch" not in rank1  # logs come from rank 0 alone
     assert list(tmp_path.iterdir()) == []
+
+
+# `modelfix ARGS` where the second prediction pass of rank 1 meets a bad input: an error after the agreement (the
+# first pass's collective), met by one process only, while the other waits in the second pass's collective, or
+# first computes for COMPUTE_SECONDS outside any collective (longer than the failing process waits for it).
+LATE_FAILURE = """
+import os, sys, time
+import modelfix.evaluate as evaluation
+from modelfix.errors import DataError
+original, calls = evaluation.predict, [0]
+def predict(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        if os.environ["RANK"] == "1":
+            raise DataError("item 3 of the data cannot be read")
+        time.sleep(float(os.environ["COMPUTE_SECONDS"]))
+    return original(*args, **kwargs)
+evaluation.predict = predict
+sys.argv[0] = "modelfix"
+from modelfix.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("compute_seconds", [0, 60], ids=["in-a-collective", "computing"])
+def test_error_on_one_rank_after_the_agreement_ends_every_rank_with_exit_2_and_writes_nothing(model, tmp_path,
+                                                                                             compute_seconds):
+    """Under torchrun, which stops (SIGTERM) the survivors of a failed process: a survivor that waited in a
+    collective has already ended with the failure's line and code; one still computing ends with them on SIGTERM."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    script = tmp_path / "late_failure.py"
+    script.write_text(LATE_FAILURE)
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), "--no-progress",
+                           "evaluate", str(model), "--data", "decoy-digits:test", "--poison", "0,1",
+                           "-o", str(tmp_path / "out")], env=env(COMPUTE_SECONDS=str(compute_seconds)),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error", "interrupted", "terminated"))]
+    assert lines == ["error: rank 1: item 3 of the data cannot be read"] * 2, done.stderr  # one line per process
+    assert done.stderr.count("exitcode  : 2") == 2, done.stderr  # torchrun's summary: both ended with exit 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late_failure.py"]  # no folder, no staging
+
+
+def small_cnn():
+    """A seeded egem-cnn (conv layers: spatial galleries, fragility bounds) and 90 decoy-digits training items with
+    their masks: the same model and data in every process and in this one."""
+    from modelfix.data import load_data
+    from modelfix.zoo import Classifier, build_net, default_input_spec
+
+    torch.manual_seed(0)
+    model = Classifier(build_net("egem-cnn", 10, 1, (28, 28)), default_input_spec("egem-cnn")).eval()
+    return model, load_data("decoy-digits:train").subset(slice(0, 90))
+
+
+def sharded_results() -> dict:
+    """Every sharded computation, on `small_cnn`, with batch sizes that leave uneven blocks (90 items = 6 batches of
+    16 of which the last has 10; 45 items of batch 8 = 6 batches, 3 per process)."""
+    from modelfix.discover import discover
+    from modelfix.explain.attribution import attribute, attribution_details
+    from modelfix.explain.reliance import reliance_by_level
+    from modelfix.feedback import top_activations
+    from modelfix.fragility import fragility
+    from modelfix.repair.annotate import annotate
+    from modelfix.repair.egem_full import full_stats
+
+    model, data = small_cnn()
+    x, y = data.x[:45], data.y[:45]
+    smooth = attribution_details(model, x, y, method="smoothgrad", samples=2, batch_size=8, seed=3, shard=True)
+    lrp = attribution_details(model, x, y, method="lrp", batch_size=8, shard=True)
+    top = top_activations(model, data, "pool2", k=5, batch_size=16, progress=False)
+    counts = torch.arange(90) % 3  # integer multiplicities, some 0, as the refinement split gives
+    stats = full_stats(model, data, counts, ["conv2", "fc1"], batch_size=16, progress=False)
+    found = discover(model, data, classes=[0, 1], method="gradient", max_items=12, neighbors=3, max_clusters=3,
+                     embedding="spectral", batch_size=4, progress=False)
+    return {
+        "smoothgrad": smooth.values, "smoothgrad_logits": smooth.logits,
+        "lrp": lrp.values, "lrp_sums": lrp.expected_sum,
+        "reliance": reliance_by_level(model, data, data.info["artifact"], (0.0, 1.0), ("random",),
+                                      lambda xb, t: attribute(model, xb, t, method="gradient"), batch_size=16),
+        "fragility": fragility(model, data, 0.05, batch_size=16),
+        "annotate": annotate(model, data, tau=0.05, batch_size=16).mask,
+        "top": (top.values, top.indices, top.cells, top.map_size),
+        "egem_full": [t for name in ("conv2", "fc1") for t in stats[name]],
+        "discover_maps": [c.maps for c in found.classes], "discover_labels": [list(c.labels) for c in found.classes],
+    }
+
+
+def sharded_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(sharded_results(), Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_computations_on_two_processes_equal_one_process(tmp_path):
+    """annotate, explain/discover heatmaps, evaluate --explain and --fragility, feedback gallery and egem-full:
+    every process gets the one-process result; each process computed only its block (whole batches), so the
+    per-item numbers are bit for bit those of one process."""
+    torch.set_num_threads(1)
+    expected = sharded_results()  # no process group here: one process
+    torch.multiprocessing.spawn(sharded_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            if key == "egem_full":  # float64 sums of two blocks added: other rounding than one running sum
+                for a, b in zip(got[key], expected[key]):
+                    assert torch.allclose(a, b, rtol=1e-12, atol=0), key
+            elif key == "discover_maps" or key == "top":
+                assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                           for a, b in zip(got[key], expected[key])), key
+            elif isinstance(expected[key], torch.Tensor):
+                assert torch.equal(got[key], expected[key]), key
+            else:
+                assert got[key] == expected[key], key  # reliance rows, fragility, cluster labels: exactly
+    assert len(expected["top"][1][0]) == 5 and expected["reliance"][1]["n"] > 0  # the checks saw real work
+
+
+# Several commands in one process group, as `run_app` runs one (rank 0 alone prints): one start-up of the processes
+# for all of them (the start-up is most of a small command's time).
+COMMANDS = """
+import json, os, sys
+from modelfix import distributed, progress
+from modelfix.cli import app
+from modelfix.cli.base import err
+distributed.init()
+if not distributed.is_main():
+    progress.MUTED = True
+    sys.stdout, err.file = open(os.devnull, "w"), open(os.devnull, "w")
+for args in json.loads(sys.argv[1]):
+    try:
+        app(["--no-progress", *args])
+    except SystemExit as exc:
+        if exc.code:
+            raise
+distributed.check_peers()
+distributed.shutdown()
+"""
+
+
+def test_explain_annotate_gallery_discover_prune_crayon_under_two_processes_equal_one_process(model, small_data,
+                                                                                               tmp_path):
+    import numpy as np
+
+    feedback = tmp_path / "neurons.csv"
+    feedback.write_text("layer,neuron,verdict\n" + "".join(f"relu1,{j},no\n" for j in range(0, 512, 3)))
+    def commands(out: Path, crayon_batch: int) -> list[list[str]]:
+        return [[str(a) for a in args] for args in (
+            ["explain", model, "--data", small_data, "--method", "smoothgrad", "--samples", "2", "--limit", "40",
+             "--batch-size", "8", "-o", out / "explain"],
+            ["annotate", model, "--data", small_data, "--tau", "0.05", "--batch-size", "16", "-o", out / "masks.npz"],
+            ["feedback", "gallery", model, "--data", small_data, "--top-k", "5", "--batch-size", "16",
+             "-o", out / "gallery"],
+            ["discover", model, "--data", small_data, "--classes", "0,1", "--explain", "gradient", "--max-items", "12",
+             "--neighbors", "3", "--max-clusters", "3", "--embedding", "spectral", "--batch-size", "4",
+             "-o", out / "discover"],
+            ["prune-crayon", model, "--feedback", feedback, "--data", small_data, "--epochs", "1",
+             "--batch-size", crayon_batch, "-o", out / "pruned.safetensors"])]
+
+    for args in commands(tmp_path / "one", 64):
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+    procs = launch(*[[json.dumps(commands(tmp_path / "two", 32))]] * 2, program=("-c", COMMANDS))
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr + procs[1].stderr
+    assert procs[1].stdout == procs[1].stderr == ""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # rank 0's files alone
+    a, b = np.load(one / "explain" / "attributions.npz"), np.load(two / "explain" / "attributions.npz")
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert sorted((one / "explain" / "heatmaps").iterdir()) != [] and \
+        [p.name for p in sorted((two / "explain" / "heatmaps").iterdir())] == \
+        [p.name for p in sorted((one / "explain" / "heatmaps").iterdir())]
+    a, b = np.load(one / "masks.npz"), np.load(two / "masks.npz")
+    assert np.array_equal(a["mask"], b["mask"]) and a["mask"].sum() == 96 * 39  # 39 = round(0.05 * 784) per image
+    assert (one / "gallery" / "patches.json").read_text() == (two / "gallery" / "patches.json").read_text()
+    clusters = [json.loads((folder / "discover" / "clusters.json").read_text()) for folder in (one, two)]
+    for doc in clusters:
+        doc.pop("seconds")
+    assert clusters[0] == clusters[1]
+    assert_close_weights(one / "pruned.safetensors", two / "pruned.safetensors")

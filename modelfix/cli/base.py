@@ -104,6 +104,9 @@ def handles_errors(fn: Callable) -> Callable:
             alert.print("interrupted", markup=False)
             raise typer.Exit(130)
         except Terminated:
+            failure = announced_failure()  # under torchrun: stopped because another process failed
+            if failure is not None:
+                fail(*failure, json_output)
             alert.print("terminated", markup=False)
             raise typer.Exit(143)
         except RecursionError:
@@ -136,6 +139,15 @@ def settle(message: str, code: int) -> tuple[str, int]:
     return distributed.report_failure(message, code)
 
 
+def announced_failure() -> tuple[str, int] | None:
+    """Under torchrun, the failure another process announced (docs/distributed.md), else None."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from .. import distributed
+
+    return distributed.announced_failure()
+
+
 def run_app() -> None:
     """`app()`, inside a torch.distributed process group when torchrun started this process as one of several:
     rank 0 alone prints results and progress; at the end every process learns whether another failed, and a
@@ -162,6 +174,7 @@ def run_app() -> None:
         except ModelfixError as exc:
             alert.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False)
             code = exc.exit_code
+    distributed.finish()
     distributed.shutdown()
     sys.exit(code)
 

@@ -128,7 +128,7 @@ def explain(
         t0 = time.perf_counter()
         result = attribution_details(model, subset.x, targets, method=method, composite=composite, steps=steps,
                                      samples=samples, noise=noise, layer=layer, batch_size=batch_size, progress=True,
-                                     seed=seed)
+                                     seed=seed, shard=True)
     attribution_seconds = time.perf_counter() - t0
     maps = relevance_maps(result.values)
 

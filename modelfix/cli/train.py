@@ -327,7 +327,10 @@ def annotate(
     dataset = load_dataset(data, data_root, seed, card=card, reading=reading)
     check_fits(dataset, card, data)
     masked = run_annotate(None if random else model, dataset, tau=tau, random=random, seed=seed, batch_size=batch_size)
-    written = write_masks(masked, output)
+    from ..distributed import on_main
+
+    on_main(lambda: write_masks(masked, output))  # under torchrun: rank 0, once every process has its masks
+    written = output
     _, h, w = dataset.shape
     summary = {"output": str(written), "images": len(dataset), "tau": tau, "pixels_per_image": mask_size(tau, h * w),
                "kind": "random" if random else "teacher-saliency", "teacher": str(teacher_path)}

@@ -163,7 +163,7 @@ def discover(model: nn.Module, data, classes=None, method: str = "lrp", composit
             for start in range(0, len(idx), 256):
                 part = idx[start:start + 256]
                 attr = attribute(model, data.x[part], data.y[part], method=method, composite=composite,
-                                 batch_size=batch_size, seed=seed)
+                                 batch_size=batch_size, seed=seed, shard=True)  # split across torchrun processes
                 maps.setdefault(c, []).append(relevance_maps(attr))
                 bar.advance(task, len(part))
             maps[c] = torch.cat(maps[c])

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modelfix import distributed
 from modelfix.errors import ModelfixError
 from modelfix.explain import gradcam
 from modelfix.explain.lrp import COMPOSITES as LRP_COMPOSITES
@@ -186,8 +187,12 @@ def _gradcam(model: nn.Module, x: Tensor, t: Tensor, layer: str | None) -> tuple
 def attribution_details(model: nn.Module, x: Tensor, targets: Tensor, method: str = "gradient",
                         composite: str = "epsilon-plus-flat", steps: int = 32, samples: int = 16, noise: float = 0.1,
                         layer: str | None = None, batch_size: int = 32, progress: bool = False,
-                        seed: int = 0) -> Attribution:
-    """`attribute` with the explained logits and, where the method has one, the sum each map should have."""
+                        seed: int = 0, shard: bool = False) -> Attribution:
+    """`attribute` with the explained logits and, where the method has one, the sum each map should have.
+
+    `shard=True` (every process of a torchrun group calls it with the same items): each process explains its block
+    of whole batches (`distributed.batch_block`) and every process gets all of them back, bit for bit the
+    one-process result (SmoothGrad's generator skips the draws of the items before the block)."""
     check_method(method)
     zennit_composite = composite_name(composite)
     for option, value in (("--steps", steps), ("--samples", samples), ("--batch-size", batch_size)):
@@ -200,12 +205,16 @@ def attribution_details(model: nn.Module, x: Tensor, targets: Tensor, method: st
         raise ValueError(f"targets must hold one class per item ({len(x)}), got shape {tuple(targets.shape)}")
     device = _device(model)
     generator = torch.Generator().manual_seed(seed)
+    rows = distributed.batch_block(len(x), batch_size) if shard else range(len(x))
+    if method == "smoothgrad":
+        for _ in range(rows.start):  # the noise of the items before this block, drawn as in one process
+            torch.randn((samples, *x.shape[1:]), generator=generator)
     values, logits, sums = [], [], []
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"{method} attributions", total=len(x))
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device, torch.float32)
-            tb = targets[start:start + batch_size].to(device)
+        task = bar.add_task(f"{method} attributions", total=len(rows))
+        for start in range(rows.start, rows.stop, batch_size):
+            xb = x[start:min(start + batch_size, rows.stop)].to(device, torch.float32)
+            tb = targets[start:min(start + batch_size, rows.stop)].to(device)
             expected = None
             if method == "lrp":
                 attr, logit = lrp_relevance(model, xb, tb, composite=zennit_composite)
@@ -229,22 +238,29 @@ def attribution_details(model: nn.Module, x: Tensor, targets: Tensor, method: st
             bar.advance(task, len(xb))
     if not values:
         c = 1 if method == "gradcam" else x.shape[1]
-        return Attribution(torch.zeros(0, c, *x.shape[2:]), torch.zeros(0), None)
-    return Attribution(torch.cat(values), torch.cat(logits), torch.cat(sums) if sums else None)
+        values, logits = [torch.zeros(0, c, *x.shape[2:])], [torch.zeros(0)]
+        sums = [torch.zeros(0)] if method in ("lrp", "integrated-gradients") else []
+    values, logits, sums = torch.cat(values), torch.cat(logits), (torch.cat(sums) if sums else None)
+    if shard:
+        values, logits = distributed.concat_shards(values), distributed.concat_shards(logits)
+        sums = None if sums is None else distributed.concat_shards(sums)
+    return Attribution(values, logits, sums)
 
 
 def attribute(model: nn.Module, x: Tensor, targets: Tensor, method: str = "gradient",
               composite: str = "epsilon-plus-flat", steps: int = 32, samples: int = 16, noise: float = 0.1,
-              layer: str | None = None, batch_size: int = 32, progress: bool = False, seed: int = 0) -> Tensor:
+              layer: str | None = None, batch_size: int = 32, progress: bool = False, seed: int = 0,
+              shard: bool = False) -> Tensor:
     """Attribution of each item's `targets` logit for the pixel-space batch `x` (module docstring for the methods).
 
     Returns a float32 CPU tensor shaped like `x` (Grad-CAM: N×1×H×W, upsampled to H×W). `composite` is the LRP
     composite (user-facing name, `COMPOSITES`); `steps` the integrated-gradients Riemann points; `samples`/`noise`
     SmoothGrad's copies and noise level (σ as a share of each item's max − min); `layer` the Grad-CAM layer (a module
-    name inside `model.net`, default the last conv block; `"input"` gives |input gradient| maps).
+    name inside `model.net`, default the last conv block; `"input"` gives |input gradient| maps). `shard`: split
+    across the processes of a torchrun group (`attribution_details`).
     """
     return attribution_details(model, x, targets, method, composite, steps, samples, noise, layer, batch_size,
-                               progress, seed).values
+                               progress, seed, shard).values
 
 
 def relevance_maps(attr: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data import Artifact, Dataset, parse_artifact, poison
 from ..errors import ModelfixError
 from ..evaluate import LABEL_MODES, predict
@@ -167,23 +168,33 @@ def _summary(n: int, mass: float, recall_sum: float, recall_n: int, precision: f
 
 def _measure(data: Dataset, explainer: Explainer, targets: str | int, predict_fn, batch_size: int,
              progress: bool, label: str) -> dict:
-    """The reliance sums over every item of `data` (all of them are taken to carry a mask)."""
-    mass = recall_sum = precision = pointing = area = 0.0
-    recall_n = 0
+    """The reliance sums over every item of `data` (all of them are taken to carry a mask). Under torchrun each
+    process measures its block of whole batches (`distributed.batch_block`) and the per-batch sums of every process
+    are added in batch order, as one process adds them: the same numbers exactly."""
+    rows = distributed.batch_block(len(data), batch_size)
+    sums = []  # per batch: relevance mass, recall sum, recall count, precision, pointing game, mask area
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(label, total=len(data))
-        for batch in data.batches(batch_size):
+        task = bar.add_task(label, total=len(rows))
+        part = data if len(rows) == len(data) else data.subset(slice(rows.start, rows.stop))
+        for batch in part.batches(batch_size):
             x = batch["x"]
             maps = _pixel_maps(explainer(x, _targets(targets, batch["y"], x, predict_fn)), x)
             recall, prec = top_quartile_overlap(maps, batch["mask"])
-            mass += float(relevance_mass(maps, batch["mask"]).sum())
             known = ~recall.isnan()
-            recall_sum += float(recall[known].sum())
-            recall_n += int(known.sum())
-            precision += float(prec.sum())
-            pointing += float(pointing_game(maps, batch["mask"]).sum())
-            area += float(_flatten(maps, batch["mask"])[1].double().mean(1).sum())
+            sums.append((float(relevance_mass(maps, batch["mask"]).sum()), float(recall[known].sum()),
+                         int(known.sum()), float(prec.sum()), float(pointing_game(maps, batch["mask"]).sum()),
+                         float(_flatten(maps, batch["mask"])[1].double().mean(1).sum())))
             bar.advance(task, len(x))
+    mass = recall_sum = precision = pointing = area = 0.0
+    recall_n = 0
+    for batch_mass, batch_recall, batch_known, batch_precision, batch_pointing, batch_area in \
+            distributed.gather_lists(sums):
+        mass += batch_mass
+        recall_sum += batch_recall
+        recall_n += batch_known
+        precision += batch_precision
+        pointing += batch_pointing
+        area += batch_area
     return _summary(len(data), mass, recall_sum, recall_n, precision, pointing, area)
 
 

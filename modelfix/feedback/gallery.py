@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data.sources import staged_folder
 from ..errors import DataError, ModelfixError, UnsupportedModel
 from ..progress import progress_bar
@@ -98,7 +99,8 @@ def top_activations(model: nn.Module, data, layer: str, k: int = 20, batch_size:
     """Per channel of `layer`, the k items of `data` with the highest score (see module doc), in one pass.
 
     Eval mode and no_grad; the hook is removed and every module's train/eval flag restored afterwards. k larger
-    than the data keeps every item.
+    than the data keeps every item. Under torchrun each process ranks its block of whole batches and the blocks' top
+    k are merged by the same order (value, then item): the one-process galleries exactly.
     """
     if k < 1:
         raise ModelfixError(f"--top-k must be at least 1, not {k}")
@@ -115,12 +117,14 @@ def top_activations(model: nn.Module, data, layer: str, k: int = 20, batch_size:
     training = {m: m.training for m in model.modules()}
     values = indices = cells = None
     map_size = (1, 1)
+    rows = distributed.batch_block(len(data), batch_size)  # under torchrun: this process's whole batches
+    block = data if len(rows) == len(data) else data.subset(slice(rows.start, rows.stop))
     handle = module.register_forward_hook(hook)
     try:
         model.eval()
         with torch.no_grad(), progress_bar(progress) as bar:
-            task = bar.add_task(f"top-{k} of {layer}", total=math.ceil(len(data) / batch_size))
-            for batch in data.batches(batch_size):
+            task = bar.add_task(f"top-{k} of {layer}", total=math.ceil(len(rows) / batch_size))
+            for batch in block.batches(batch_size):
                 captured.clear()
                 model(batch["x"].to(reference.device))
                 if len(captured) != 1:
@@ -134,7 +138,7 @@ def top_activations(model: nn.Module, data, layer: str, k: int = 20, batch_size:
                 scores, flat = _channel_scores(act.float(), layer)
                 c = scores.shape[1]
                 new_v, new_c = scores.t().cpu(), flat.t().cpu()
-                new_i = batch["index"].reshape(1, -1).expand(c, -1)
+                new_i = (batch["index"] + rows.start).reshape(1, -1).expand(c, -1)
                 if values is None:
                     values, indices, cells = new_v, new_i, new_c
                 else:
@@ -146,8 +150,13 @@ def top_activations(model: nn.Module, data, layer: str, k: int = 20, batch_size:
         handle.remove()
         for m, flag in training.items():
             m.training = flag
-    if values is None:
+    # every process's top k (none from a process without items), merged by the same order: the global top k
+    parts = [part for part in distributed.gather_objects(None if values is None else (values, indices, cells, map_size))
+             if part is not None]
+    if not parts:
         raise DataError("the data holds no samples: nothing to rank")
+    values, indices, cells = _merge(*(torch.cat([part[i] for part in parts], dim=1) for i in range(3)), k)
+    map_size = parts[0][3]
     wf = map_size[1]
     hw = torch.stack([cells // wf, cells % wf], dim=2)
     hw[cells < 0] = -1

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data import Dataset, save_bundle
 from ..data.sources import safe_class_dir, staged_folder
 from ..errors import DataError, ModelfixError
@@ -117,7 +118,9 @@ def annotate(model: nn.Module | None, data: Dataset, tau: float = 0.01, random: 
     else:
         if model is None:
             raise ModelfixError("annotate needs a teacher model (or random=True for random annotations)")
-        scores = saliency(model, data.x, batch_size)
+        # under torchrun each process scores its block of whole batches; every process gets all the scores back
+        rows = distributed.batch_block(n, batch_size)
+        scores = distributed.concat_shards(saliency(model, data.x[rows.start:rows.stop], batch_size))
     mask = lowest_fraction_mask(scores, tau)
     info = {key: value for key, value in data.info.items() if key != "checksum"}
     info["annotation"] = {"kind": "random" if random else "teacher-saliency", "tau": tau,

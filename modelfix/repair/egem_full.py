@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modelfix import distributed
 from modelfix.data.dataset import Dataset
 from modelfix.errors import DataError, ModelfixError, UnsupportedModel
 from modelfix.explain.lrp import EPSILON, build_composite, explaining
@@ -217,7 +218,8 @@ def full_stats(model: nn.Module, data: Dataset, counts: Tensor, consumers: list[
 
     `AD[i, j] = Σ_n w_n a_s[n,i]² d_s[n,j]²` (`d_in × d_out`), `D[j] = Σ_n w_n d_s[n,j]²`, where for conv maps
     `a_s`, `d_s` are spatial sums and for dense layers the values themselves. (Sums, not means: `m` is a ratio.)
-    Accumulated in place per batch; no per-sample matrix is stored.
+    Accumulated in place per batch; no per-sample matrix is stored. Under torchrun each process sums its block of
+    whole batches and the float64 sums of every process are added.
     """
     counts = torch.as_tensor(counts).reshape(-1)
     if len(counts) != len(data):
@@ -226,10 +228,11 @@ def full_stats(model: nn.Module, data: Dataset, counts: Tensor, consumers: list[
     if len(active) == 0:
         raise DataError("egem-full: no fit sample has a positive count")
     totals: dict[str, tuple[Tensor, Tensor]] = {}
+    rows = distributed.batch_block(len(active), batch_size)  # under torchrun: this process's whole batches
     with probe_consumers(model, consumers, explainer) as run, progress_bar(progress) as bar:
-        task = bar.add_task(f"egem-full statistics ({explainer})", total=len(active))
-        for start in range(0, len(active), batch_size):
-            idx = active[start : start + batch_size]
+        task = bar.add_task(f"egem-full statistics ({explainer})", total=len(rows))
+        for start in range(rows.start, rows.stop, batch_size):
+            idx = active[start : min(start + batch_size, rows.stop)]
             signals = run(data.x[idx], data.y[idx])
             w = counts[idx].to(torch.float64)
             for name, (a, d, _) in signals.items():
@@ -243,7 +246,14 @@ def full_stats(model: nn.Module, data: Dataset, counts: Tensor, consumers: list[
                 ad.addmm_(a2w.T, d2)
                 dd.add_(w @ d2)
             bar.advance(task, len(idx))
-    return totals
+    merged: dict[str, tuple[Tensor, Tensor]] = {}
+    for part in distributed.gather_objects(totals):  # every process's float64 sums, added in rank order
+        for name, (ad, dd) in part.items():
+            if name in merged:
+                merged[name] = (merged[name][0] + ad, merged[name][1] + dd)
+            else:
+                merged[name] = (ad, dd)
+    return merged
 
 
 def _summaries(name: str, t: Tensor) -> Tensor:

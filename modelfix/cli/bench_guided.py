@@ -150,6 +150,7 @@ def bench_crayon_mnist(
     beta: Annotated[str, typer.Option("--beta", help="CRAYON-ATTENTION's β (paper: 30); several: chosen on val-permuted.")] = "30",
     rrr_lam: Annotated[str, typer.Option("--rrr-lambda", help="RRR's λ; several: chosen on val-permuted.")] = "1e-6",
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="none, or exponential (the preprint's lr × 0.975 per epoch).")] = "none",
+    crayon_loss: Annotated[str, typer.Option("--crayon-loss", help="preprint (raw sums) or normalized (the released code's).")] = "preprint",
     prune_arch: Annotated[str, typer.Option("--prune-arch", help="CNN for CRAYON-PRUNING.")] = "tap-cnn",
     prune_train_size: Annotated[int, typer.Option("--prune-train-size", help="Training subset of the CNN (0: all).")] = 5000,
     prune_epochs: Annotated[int, typer.Option("--prune-epochs", help="Epochs of the original CNN.")] = 5,
@@ -167,7 +168,8 @@ def bench_crayon_mnist(
                  test_size=test_size or None, original_epochs=original_epochs, attention_epochs=attention_epochs,
                  beta=_one_or_list(beta, "--beta"), rrr_lam=_one_or_list(rrr_lam, "--rrr-lambda"),
                  prune_arch=prune_arch, prune_train_size=prune_train_size or None, prune_epochs=prune_epochs,
-                 methods=_names(methods, "--methods"), lr_schedule=lr_schedule)
+                 methods=_names(methods, "--methods"), lr_schedule=lr_schedule,
+                 crayon_loss=crayon_loss)
     if _write_json(output, result, json_output):
         return
     table = Table(title=f"{scenario}: permuted test (paper: one DecoyMNIST accuracy per method), {seeds} seed(s)")

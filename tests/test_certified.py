@@ -56,7 +56,8 @@ def test_cert_r4_bounds_contain_every_sampled_gradient_element_and_collapse_at_t
         losses = F.cross_entropy(model(x), b["y"], reduction="sum")  # per-example gradients: the sum's gradient
         (g,) = torch.autograd.grad(losses, x)
         assert bool((g_lower <= g + 1e-12).all()) and bool((g <= g_upper + 1e-12).all())
-    expected = float((b["mask"] * (g_lower.abs() + g_upper.abs())).sum().detach()) / b["x"].numel()
+    # The penalty bounds the gradient w.r.t. the network input z = (x − 0.2)/0.5: std 0.5 × the pixel bounds.
+    expected = 0.5 * float((b["mask"] * (g_lower.abs() + g_upper.abs())).sum().detach()) / b["x"].numel()
     assert float(CertR4(eps=eps).penalty(model, b).detach()) == pytest.approx(expected, rel=1e-12)
     x = b["x"].clone().requires_grad_()
     (g0,) = torch.autograd.grad(F.cross_entropy(model(x), b["y"], reduction="sum"), x)
@@ -64,6 +65,28 @@ def test_cert_r4_bounds_contain_every_sampled_gradient_element_and_collapse_at_t
     torch.testing.assert_close(lo, g0, rtol=0, atol=1e-6)
     torch.testing.assert_close(hi, g0, rtol=0, atol=1e-6)
     assert float((g_upper - g_lower).max().detach()) > 1e-3  # at ε = 0.3 the box is not degenerate
+
+
+def test_cert_r4_penalty_is_taken_on_the_normalised_input_of_a_linear_net():
+    """A linear net f(x) = W (x − μ)/σ + b with σ = 0.5, at ε → 0 (the box closes on x): the bounds are the gradient
+    itself, ∂CE/∂z = (softmax(W z + b) − e_y)ᵀ W with z = (x − μ)/σ, so the penalty is
+    Σ_b Σ_i M_bi · 2 |Σ_k (p_bk − e_{y_b,k}) W_ki| / (B·D). The pixel gradient would be 1/σ = 2 times that."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), InputSpec(1, 8, 8, (0.2,), (0.5,))).double()
+    b = batch(masked=(True, True, False, True))
+    w, bias = model.net[1].weight.detach(), model.net[1].bias.detach()
+    z = (b["x"].flatten(1) - 0.2) / 0.5
+    logits = z @ w.T + bias
+    p = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
+    onehot = torch.zeros(4, 3, dtype=F64)
+    onehot[torch.arange(4), b["y"]] = 1
+    grad_z = (p - onehot) @ w  # 4 × 64
+    m = b["mask"].flatten(1) * torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)[:, None]  # item 2 has no mask
+    expected = float((m * 2 * grad_z.abs()).sum()) / b["x"].numel()
+    assert expected > 0
+    got = float(CertR4(eps=1e-9).penalty(model, b).detach())
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got != pytest.approx(2 * expected, rel=0.1)  # the pixel-gradient version
 
 
 def test_ibp_ex_rrr_term_differentiates_the_normalised_input():

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cli_helpers import assert_one_line_error, run
 
 
@@ -44,8 +46,12 @@ def test_bench_crayon_mnist_cli_on_decoy_digits(tmp_path):
     assert set(doc["methods"]) == {"original", "crayon-attention"}
     assert doc["methods"]["crayon-attention"]["fb"]["mean"] == doc["settings"]["mlp"]["train_size"] == 3237
     assert doc["settings"]["mlp"]["beta"] == 3.0
+    (candidate,) = doc["methods"]["crayon-attention"]["selection"][0]["candidates"]  # a single β is scored too
+    assert candidate["value"] == 3.0 and (candidate["val_accuracy"] * 30) == pytest.approx(round(candidate["val_accuracy"] * 30))
     assert "original" in result.stdout and "0.853" in result.stdout  # the paper's number beside ours
     assert_one_line_error(run("bench", "crayon-mnist", "--methods", "nope"), "nope")
+    assert_one_line_error(run("bench", "crayon-mnist", "--beta", "3,x"), "--beta")  # lists: comma-separated numbers
+    assert_one_line_error(run("bench", "crayon-mnist", "--crayon-loss", "nope"), "--crayon-loss")
 
 
 def test_bench_r4_mnist_smoke_with_a_lambda_override(tmp_path, mnist_root):

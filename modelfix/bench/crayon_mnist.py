@@ -17,8 +17,9 @@ the patch can sit), "maybe" otherwise; there is no "yes", hence α = 0.
 
 Hyper-parameters are never chosen on a test split: `beta` and `rrr_lam` may be lists, and then each seed fine-tunes
 once per value and keeps the one with the best accuracy on the scenario's `val-permuted` split (validation images,
-random patch colour; ties: the smaller value); every candidate's validation score and the choice are in the run's
-row (`selection`).
+random patch colour; ties: the smaller value); every candidate's validation score (a single candidate's too, so
+separate runs can be compared on validation) and the choice are in the run's row (`selection`). `crayon_loss`:
+"preprint" (raw sums, the default) or "normalized" (the released code's loss, `--crayon-loss normalized`).
 
 Departures from the preprint, also recorded in `result["settings"]`:
 - lr schedule: `lr_schedule="exponential"` is the preprint's (lr × 0.975 per epoch, TrainConfig's schedule) for the
@@ -182,7 +183,7 @@ def _scores(model, tests: dict) -> dict:
 
 
 def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, attention_epochs, beta, rrr_lam,
-              progress, lr_schedule="none", scratch="."):
+              progress, lr_schedule="none", scratch=".", crayon_loss="preprint"):
     """Part A for one seed: rows for the requested methods (the original is trained whenever part A runs). A list of
     β or λ is chosen on `val` (module docstring)."""
     rows = []
@@ -208,7 +209,8 @@ def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, atte
             row["fb"] = len(verdicts)
             samples = Path(scratch) / f"samples-{seed}.csv"  # the verdicts go through a samples.csv, as a person's
             write_sample_feedback(samples, fb, ids=sample_ids(train_data))
-            candidates = [(b, "crayon-attention", {"feedback": samples, "alpha": ALPHA, "beta": b})
+            candidates = [(b, "crayon-attention", {"feedback": samples, "alpha": ALPHA, "beta": b,
+                                                   "variant": crayon_loss})
                           for b in sorted(_as_list(beta))]
         else:
             row["fb"] = int(train_data.has_mask.sum())  # one mask per annotated image
@@ -221,7 +223,7 @@ def _mlp_runs(train_data, tests, val, card, seed, methods, original_epochs, atte
             model = result.model
             entry = {"value": value, "val_accuracy": None, "model": model,
                      "history": result.details["sweep"]["runs"][0]["epochs"]}
-            if len(candidates) > 1:
+            if val is not None and value is not None:  # every candidate's validation score, a single one's too
                 entry["val_accuracy"] = metrics(predict(model, val.x), val)["accuracy"]
                 selection.append({"value": value, "val_accuracy": entry["val_accuracy"]})
             if best is None or (entry["val_accuracy"] or 0) > (best["val_accuracy"] or 0):
@@ -302,7 +304,7 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
         rrr_lam: float = 1e-6,
         prune_arch: str = "tap-cnn", prune_train_size: int | None = 5000, prune_epochs: int = 5,
         prune_fc_epochs: int = 10, prune_fc_lr: float = 1e-4, methods=METHODS, progress: bool = True,
-        lr_schedule: str = "none") -> dict:
+        lr_schedule: str = "none", crayon_loss: str = "preprint") -> dict:
     """Per method, mean ± std over `seeds` of accuracy / macro-group / worst-group accuracy on the permuted and
     contaminated tests, #FB, the simulated feedback counts, seconds, the settings and the paper's numbers side by
     side (module docstring). `train_size`: a fixed seeded subset of the decoy training split for part A (None: all
@@ -312,6 +314,8 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
     methods = tuple(dict.fromkeys(methods))
     if lr_schedule not in LR_SCHEDULES:
         raise ModelfixError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not '{lr_schedule}'")
+    if crayon_loss not in ("preprint", "normalized"):
+        raise ModelfixError(f"--crayon-loss must be preprint or normalized, not '{crayon_loss}'")
     _validate(scenario, seeds, train_size, test_size, original_epochs, attention_epochs, beta, rrr_lam, prune_arch,
               prune_train_size, prune_epochs, prune_fc_epochs, prune_fc_lr, methods)
     start = time.perf_counter()
@@ -322,7 +326,7 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
         test = test if test_size is None else test.subset(slice(0, test_size))
         tests[name] = test.with_(group=test.y.clone(), group_names=list(test.class_names))  # groups = true labels
     val = None
-    if len(_as_list(beta)) > 1 or len(_as_list(rrr_lam)) > 1:
+    if {"crayon-attention", "rrr"} & set(methods):
         val = load_scenario(scenario, VAL, data_root=data_root, seed=0)
         val = val if test_size is None else val.subset(slice(0, test_size))
     part_a = [m for m in methods if m in MLP_METHODS]
@@ -336,7 +340,7 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
         for seed in range(seeds):
             if part_a:
                 runs += _mlp_runs(mlp_data, tests, val, mlp_card, seed, part_a, original_epochs, attention_epochs,
-                                  beta, rrr_lam, progress, lr_schedule, scratch)
+                                  beta, rrr_lam, progress, lr_schedule, scratch, crayon_loss)
             if part_b:
                 runs += _cnn_runs(cnn_data, tests, cnn_card, seed, part_b, prune_epochs, prune_fc_epochs,
                                   prune_fc_lr, progress, scratch)
@@ -354,7 +358,7 @@ def run(scenario: str = "decoy-mnist", data_root=None, seeds: int = 1, train_siz
                     "lr_schedule": ("x0.975 per epoch (preprint)" if lr_schedule == "exponential"
                                     else "constant (preprint: x0.975 per epoch)"),
                     "selected_on": VAL if val is not None else None,
-                    "alpha": ALPHA, "beta": beta, "crayon_loss": "preprint", "saliency": "|input gradient|",
+                    "alpha": ALPHA, "beta": beta, "crayon_loss": crayon_loss, "saliency": "|input gradient|",
                     "feedback_rule": f"no if more than {NO_ABOVE:g} of the original model's attention lies in "
                                      f"the four {CORNER}x{CORNER} corners, else maybe",
                     "rrr_lam": rrr_lam, "rrr_masks": "patch footprint"},

@@ -45,7 +45,8 @@ def _repair(method: str, model, pool, split, slack: float, retrain_grid, layers=
                               "seconds": result.timings["total_s"]}
     repaired, trace = fit_retrain(model, split, RetrainConfig(grid=retrain_grid, slack=slack, select="paper"),
                                   progress=False)  # the paper's rule: this is the paper's table
-    return repaired, {"epochs": trace["epochs"], "seconds": trace["timing"]["total_s"]}
+    return repaired, {"epochs": trace["epochs"], "seconds": trace["timing"]["total_s"],
+                      "selection": trace["selection"]}  # validation accuracy at every grid epoch
 
 
 def _forward_seconds(model, split) -> float:
@@ -100,7 +101,7 @@ def run(arch: str = "egem-cnn", runs: int = 5, samples: tuple[int, ...] = (700,)
     for (method, n, slack), values in cells.items():
         row = {"method": method, "samples_per_class": n, "slack": slack,
                "clean": _mean_std([v["clean"] for v in values]), "poisoned": _mean_std([v["poisoned"] for v in values])}
-        for key in ("alpha", "lambda", "epochs"):
+        for key in ("alpha", "lambda", "epochs", "selection"):
             if key in values[0]:
                 row[key] = [v[key] for v in values]
         table.append(row)

@@ -25,6 +25,11 @@ def _names(text: str, option: str) -> tuple[str, ...]:
     return names
 
 
+def _one_or_list(text: str, option: str):
+    values = list(parse_floats(text, option) or ())
+    return values[0] if len(values) == 1 else values  # several: chosen on validation by the benchmark
+
+
 def _case_values(text: str | None) -> dict:
     """'rbr=10,tap=1e-3' -> {"rbr": 10.0, "tap": 0.001}."""
     values = {}
@@ -142,8 +147,10 @@ def bench_crayon_mnist(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: original, train-more, crayon-attention, rrr, cnn-original, crayon-pruning, random-pruning.")] = "original,train-more,crayon-attention,rrr,cnn-original,crayon-pruning,random-pruning",
     original_epochs: Annotated[int, typer.Option("--original-epochs", help="Epochs of the original crayon-mlp (paper: 30).")] = 30,
     attention_epochs: Annotated[int, typer.Option("--attention-epochs", help="Fine-tune epochs of train-more, crayon-attention and rrr (paper: 200).")] = 10,
-    beta: Annotated[float, typer.Option("--beta", help="CRAYON-ATTENTION's β (paper: 30).")] = 30.0,
-    rrr_lam: Annotated[float, typer.Option("--rrr-lambda", help="RRR's λ for the fine-tune.")] = 1e-6,
+    beta: Annotated[str, typer.Option("--beta", help="CRAYON-ATTENTION's β (paper: 30); several: chosen on val-permuted.")] = "30",
+    rrr_lam: Annotated[str, typer.Option("--rrr-lambda", help="RRR's λ; several: chosen on val-permuted.")] = "1e-6",
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="none, or exponential (the preprint's lr × 0.975 per epoch).")] = "none",
+    crayon_loss: Annotated[str, typer.Option("--crayon-loss", help="preprint (raw sums) or normalized (the released code's).")] = "preprint",
     prune_arch: Annotated[str, typer.Option("--prune-arch", help="CNN for CRAYON-PRUNING.")] = "tap-cnn",
     prune_train_size: Annotated[int, typer.Option("--prune-train-size", help="Training subset of the CNN (0: all).")] = 5000,
     prune_epochs: Annotated[int, typer.Option("--prune-epochs", help="Epochs of the original CNN.")] = 5,
@@ -159,8 +166,10 @@ def bench_crayon_mnist(
 
     result = run(scenario=scenario, data_root=data_root, seeds=seeds, train_size=train_size or None,
                  test_size=test_size or None, original_epochs=original_epochs, attention_epochs=attention_epochs,
-                 beta=beta, rrr_lam=rrr_lam, prune_arch=prune_arch, prune_train_size=prune_train_size or None,
-                 prune_epochs=prune_epochs, methods=_names(methods, "--methods"))
+                 beta=_one_or_list(beta, "--beta"), rrr_lam=_one_or_list(rrr_lam, "--rrr-lambda"),
+                 prune_arch=prune_arch, prune_train_size=prune_train_size or None, prune_epochs=prune_epochs,
+                 methods=_names(methods, "--methods"), lr_schedule=lr_schedule,
+                 crayon_loss=crayon_loss)
     if _write_json(output, result, json_output):
         return
     table = Table(title=f"{scenario}: permuted test (paper: one DecoyMNIST accuracy per method), {seeds} seed(s)")

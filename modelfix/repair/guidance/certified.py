@@ -1,9 +1,14 @@
 """Interval-bound objectives on the masked box x ± ε·M (`repair.intervals`): Cert-R4 and IBP-Ex (+RRR).
 
-- Cert-R4 (R4, methods_guided_finetunes.md §2.3): with [G_l, G_u] ⊇ {∇_x' CE(f(x'), y) : x' in the box},
+- Cert-R4 (R4, methods_guided_finetunes.md §2.3): with [G_l, G_u] ⊇ {∇_z' CE(f(x'), y) : x' in the box},
       penalty = Σ_{b,i} M_bi (|G_l,bi| + |G_u,bi|) / (B·D),   D = C·H·W,
   an upper bound (within a factor 2) on the largest masked input gradient anywhere in the box. Differentiable in θ
-  through both interval passes. This is the one R4 mask term the reference code trains on DecoyMNIST.
+  through both interval passes. This is the one R4 mask term the reference code trains on DecoyMNIST. The gradient
+  is taken with respect to the network input z = (x − mean)/std (the package's convention, rrr.py): R4's networks
+  read ÷255 pixels with no normalisation, so z is R4's input and λ = k keeps R4's meaning (on a card with mean 0,
+  std 1, as R4's `mlp`, z = x and nothing changes). The box x ± ε·M stays in pixel units, as IBP-Ex's. Bounds on
+  ∇_z are the pixel bounds times std per channel (∂/∂z = std·∂/∂x; std > 0 keeps their order). (Until issue 18 the
+  penalty used the pixel gradient, 1/std larger.)
 - IBP-Ex (Heo et al., §3.1): worst-case logits ẑ (lower bound at the true class, upper bound elsewhere), then
       loss = α·CE(f(x), y) + (1 − α)·CE(ẑ, y)    (regulariser over items with a mask only, batch mean over them).
   With `ramp` (Heo's schedules, §3.1, updated at the start of each epoch e of E, counted from 0):
@@ -37,6 +42,15 @@ from modelfix.training import task_loss
 HEO_SETUP = {"optimizer": "adamw", "lr": 3e-4, "weight_decay": 1e-4}
 R4_PAPER = 'R4, "Robustly Right for the Right Reasons" (code: Mihneaghitu/ModelGuidanceViaRobustFeatureAttribution)'
 HEO_PAPER = 'Heo et al. 2023, "Use Perturbations when Learning from Explanations" (code: vihari/robust_mlx)'
+
+
+def _input_std(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input std of every position of one item, flattened (C·H·W): the `Classifier`'s std per channel, 1 for a
+    plain network (the same test as `network_input`)."""
+    std = getattr(model, "std", None) if isinstance(getattr(model, "net", None), nn.Module) else None
+    if std is None or not hasattr(model, "mean"):
+        return x.new_ones(x[0].numel())
+    return torch.broadcast_to(std.to(x.dtype).reshape(-1, 1, 1), x.shape[1:]).flatten()
 
 
 def _masked_items(batch: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +88,8 @@ class CertR4(GuidedObjective):
         # of the interval products would loosen the bounds, and they are differentiated once more
         with eval_mode(model), full_precision(x.device):
             g_lower, g_upper = input_gradient_bounds(model, x, batch["y"], mask, self.eps, columns=columns)
-        return (weights[:, columns] * (g_lower.abs() + g_upper.abs())).sum() / x.numel()
+        scale = weights[:, columns] * _input_std(model, x)[columns]  # bounds on ∇_z = std·∇_x (module docstring)
+        return (scale * (g_lower.abs() + g_upper.abs())).sum() / x.numel()
 
     def terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(model(batch["x"]), batch["y"]), self.penalty(model, batch)

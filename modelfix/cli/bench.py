@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ..app.resolve import parse_floats
+from ..bench import tables
 from ..errors import ModelfixError
 from .base import bench_app, handles_errors, out
 from .options import DataRootOpt, JsonOpt
@@ -65,14 +65,7 @@ def bench_shortcut(
     if json_output:
         print(json.dumps(result))
         return
-    table = Table(title=f"ERM {arch} on {scenario}:{train_split} ({result['n_train']} images), {restarts} restarts, "
-                        f"{optimizer} lr {lr:g} batch {batch_size} × {epochs} epochs")
-    for col in ("test", "accuracy %", "macro-group %", "± (restarts)", "worst-group % (min of means)"):
-        table.add_column(col, justify="right")
-    for name, row in result["summary"].items():
-        table.add_row(name, f"{100 * row['accuracy']:.2f}", f"{100 * row['macro_group_accuracy']:.2f}",
-                      f"{100 * row['macro_std_over_restarts']:.2f}", f"{100 * row['worst_group_accuracy']:.2f}")
-    out.print(table)
+    out.print(*tables.shortcut(result, arch, scenario, train_split, restarts, config))
 
 
 @bench_app.command("egem-mnist")
@@ -110,22 +103,7 @@ def bench_egem_mnist(
     if json_output:
         print(json.dumps(json_safe(result)))
         return
-    table = Table(title=f"EGEM modified MNIST, {arch}, {runs} runs (mean ± std), {test_size} test images")
-    for col in ("method", "N/class", "slack", "clean %", "100 % poisoned %", "gap", "chosen"):
-        table.add_column(col, justify="right")
-    for row in result["rows"]:
-        clean, poisoned = row["clean"], row["poisoned"]
-        chosen_value = next((f"{k} {row[k]}" for k in ("alpha", "lambda", "epochs") if k in row), "")
-        table.add_row(row["method"], str(row["samples_per_class"]), f"{row['slack']:g}",
-                      f"{100 * clean['mean']:.1f} ± {100 * clean['std']:.1f}",
-                      f"{100 * poisoned['mean']:.1f} ± {100 * poisoned['std']:.1f}",
-                      f"{100 * (clean['mean'] - poisoned['mean']):.1f}", chosen_value)
-    out.print(table)
-    for method, ratio in result["speed_ratio"].items():
-        out.print(f"{method} end to end / one forward pass over the oversampled refinement set: "
-                  f"{ratio['mean']:.2f} ± {ratio['std']:.2f}")
-
-
+    out.print(*tables.egem_mnist(result, arch, runs, test_size), sep="\n")
 
 
 @bench_app.command("memory", epilog="Example: modelfix bench memory --root runs/memory --sizes 2000,20000 --max-steps 20")

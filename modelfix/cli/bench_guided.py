@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ..app.resolve import device_name, parse_floats
+from ..bench import tables
 from ..errors import ModelfixError
 from .base import bench_app, handles_errors, out
 from .options import DataRootOpt, JsonOpt
@@ -81,23 +81,7 @@ def bench_tap_mnist(
                  test_size=test_size or None, lambdas=_case_values(lambdas))
     if _write_json(output, result, json_output):
         return
-    s = result["settings"]
-    table = Table(title=f"{scenario}, tap-cnn, {s['epochs']} epochs × {s['train_size']} images "
-                        f"({s['student_steps']} SGD steps), {s['seeds']} seed(s): ours (paper, 50 epochs × 50k)")
-    for col in ("case", "contaminated", "permuted", "clean", "Δ perm − cont"):
-        table.add_column(col, justify="right")
-    for case, row in result["cases"].items():
-        def cell(name):
-            mine, paper = row[name], row["paper"][name][0]
-            return f"{mine['mean']:.3f} ± {mine['std']:.3f} ({paper:.3f})"
-        failed = f" [{row['failed']} failed]" if row["failed"] else ""
-        table.add_row(case + failed, cell("contaminated"), cell("permuted"), cell("clean"),
-                      f"{row['delta']['mean']:+.3f}")
-    out.print(table)
-    for key, teacher in result["teachers"].items():
-        out.print(f"{key}: {teacher['n']} clean images, {teacher['epochs']} epochs, clean accuracy "
-                  f"{teacher['accuracy_clean']['mean']:.3f} (paper {teacher['paper_accuracy_clean']:.3f})")
-    out.print(f"{result['seconds'] / 60:.1f} min")
+    out.print(*tables.tap_mnist(result, scenario), sep="\n")
 
 
 @bench_app.command("cost", epilog="Example: modelfix bench cost --archs mlp,tap-cnn,resnet18 --repeats 10")
@@ -120,23 +104,7 @@ def bench_cost(
                  threads=threads or None, warmup=warmup, batch_size=batch_size or None, device=device_name(device))
     if _write_json(output, result, json_output):
         return
-    for arch, block in result["archs"].items():
-        c, h, w = block["input"]
-        table = Table(title=f"{arch} {c}×{h}×{w}, batch {block['batch_size']}, {result['device']}, "
-                            f"{result['threads']} thread(s), median of {result['repeats']} steps")
-        for col in ("method", "step ms", "× ERM time", "peak MB", "× ERM memory", "target / per unit", "met"):
-            table.add_column(col, justify="right")
-        for row in block["rows"]:
-            if "error" in row:
-                table.add_row(row["method"], "–", "–", "–", "–", "–", row["error"][:60])
-                continue
-            target, unit = row.get("target"), row.get("per_unit")
-            goal = (f"time ≤ {target:g}" + (f", memory ≤ {row['memory_target']:g}" if row.get("memory_target") else "")
-                    if target else f"{unit['ratio_time']:.2f} per {unit['unit']} ({unit['count']})" if unit else "")
-            table.add_row(row["method"], f"{row['step_ms']:.1f}", f"{row['ratio_time']:.2f}", f"{row['peak_mb']:.1f}",
-                          f"{row['ratio_mem']:.2f}", goal, ("yes" if row["meets_target"] else "no") if target else "")
-        out.print(table)
-    out.print(f"memory: {result['memory']}")
+    out.print(*tables.cost(result), sep="\n")
 
 
 @bench_app.command("crayon-mnist", epilog="Example: modelfix bench crayon-mnist --data-root ../shared/data --beta 3")
@@ -172,30 +140,7 @@ def bench_crayon_mnist(
                  crayon_loss=crayon_loss)
     if _write_json(output, result, json_output):
         return
-    table = Table(title=f"{scenario}: permuted test (paper: one DecoyMNIST accuracy per method), {seeds} seed(s)")
-    for col in ("method", "permuted acc", "permuted worst group", "contaminated acc", "#FB", "paper"):
-        table.add_column(col, justify="right")
-    for name, row in result["methods"].items():
-        paper = row.get("paper_accuracy")
-        table.add_row(name, f"{row['permuted']['accuracy']['mean']:.3f}",
-                      f"{row['permuted']['worst_group_accuracy']['mean']:.3f}",
-                      f"{row['contaminated']['accuracy']['mean']:.3f}", f"{row['fb']['mean']:g}",
-                      "–" if paper is None else f"{paper:.3f}")
-    out.print(table)
-    out.print(f"{result['seconds'] / 60:.1f} min")
-
-
-def _r4_row(case: str, row: dict) -> tuple[str, ...]:
-    paper = row["paper"] or {}
-    perm = row["permuted"]
-
-    def pct(value, ref):
-        return f"{100 * value:.2f}" + (f" ({ref:.2f})" if ref is not None else "")
-
-    return (case, pct(perm["macro_group_accuracy"], paper.get("macro")), pct(perm["worst_group_accuracy"], paper.get("worst")),
-            f"{row['delta_masked']:.3g}" + (f" ({paper['delta_masked']:g})" if paper else ""),
-            f"{row['delta_ratio']:.3g}" + (f" ({paper['ratio']:g})" if paper else ""),
-            f"{100 * row['contaminated']['macro_group_accuracy']:.2f}", f"{row['seconds_per_epoch']:.1f}")
+    out.print(*tables.crayon_mnist(result, scenario, seeds), sep="\n")
 
 
 @bench_app.command("r4-mnist", epilog="Example: modelfix bench r4-mnist --data-root ../shared/data --methods erm,r4-cert")
@@ -224,14 +169,12 @@ def bench_r4_mnist(
     if threads:
         torch.set_num_threads(threads)
     swept = "".join(f", {case} λ {value:g}" for case, value in _case_values(lambdas).items())
-    table = Table(title=f"decoy-mnist, mlp, {restarts} restart(s){swept}: ours (R4 paper); permuted test")
-    for col in ("method", "macro-group %", "worst-group %", "δ masked", "δ ratio", "contaminated %", "s/epoch"):
-        table.add_column(col, justify="right")
+    table = tables.r4_table(f"decoy-mnist, mlp, {restarts} restart(s){swept}: ours (R4 paper); permuted test")
 
     def show(case, row):
         if not json_output:
-            out.print("  ".join(_r4_row(case, row)))
-        table.add_row(*_r4_row(case, row))
+            out.print("  ".join(tables.r4_row(case, row)))
+        table.add_row(*tables.r4_row(case, row))
 
     grid = {case: list(parse_floats(values, "--lambda-grid") or ())
             for case, _, values in (item.partition("=") for item in lambda_grid or [])}
@@ -267,14 +210,7 @@ def bench_scale(
                  items=items, repeats=repeats)
     if _write_json(output, result, json_output):
         return
-    table = Table(title=f"{arch} on {result['data']} ({result['items']} items × {epochs - 1} timed epochs), gloo, "
-                        f"1 thread each, {result['allreduce_bytes_per_step'] / 1e6:.2f} MB all-reduced per step")
-    for col in ("method", "processes", "global batch", "ms/step", "items/s", "speed-up"):
-        table.add_column(col, justify="right")
-    for row in result["rows"]:
-        table.add_row(row["method"], str(row["processes"]), str(row["global_batch"]), f"{row['step_ms']:.0f}",
-                      f"{row['items_per_s']:.0f}", f"{row['speedup']:.2f}")
-    out.print(table)
+    out.print(*tables.scale(result, arch, epochs))
 
 
 @bench_app.command("precision", epilog="Example: modelfix bench precision --repeats 5 --seeds 3 -o precision.json")

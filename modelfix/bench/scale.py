@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, methods: tuple[str, ...], arch: st
 
 
 def run(methods: tuple[str, ...] = METHODS, worlds: tuple[int, ...] = (1, 2), epochs: int = 3,
-        batch_size: int = 64, arch: str = "tap-cnn", items: int = 1024, repeats: int = 1) -> dict:
+        batch_size: int = 128, arch: str = "tap-cnn", items: int = 1024, repeats: int = 1) -> dict:
     """Items per second of each method at each number of processes (module docstring); `epochs` counts the
     untimed first epoch. With `repeats` > 1 the process counts take turns (1, 2, 1, 2, …) and each time is the
     median of its repeats, so a machine whose load drifts slows both alike."""

@@ -193,7 +193,7 @@ def bench_scale(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated training methods.")] = "erm,rrr,r4-cert",
     processes: Annotated[str, typer.Option("--processes", help="Comma-separated process counts (gloo, 1 thread each).")] = "1,2",
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs per run; the first is not timed.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per process per step.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per process per step.")] = 128,
     arch: Annotated[str, typer.Option("--arch", help="The network trained (tap-cnn: compute-bound steps; mlp: tiny ones).")] = "tap-cnn",
     items: Annotated[int, typer.Option("--items", help="The first N items of decoy-digits:train.")] = 1024,
     repeats: Annotated[int, typer.Option("--repeats", help="Runs of each process count, taking turns; the median time.")] = 1,

@@ -166,6 +166,9 @@ def report_failure(message: str, code: int) -> tuple[str, int]:
     if store is not None and store.add(FAILED_COUNT, 1) == 1:  # the first to fail is the one every process names
         store.set(FAILURE_KEY, json.dumps([message, code]))
     dist.destroy_process_group()  # the others' pending collective fails now instead of waiting for us
+    # torchrun stops (SIGTERM) the processes left once one exits; the others may exit with this line first, and this
+    # process is on its way out with it anyway, so it must not die by the signal instead of with `code`
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return message, code
 
 
@@ -196,7 +199,8 @@ def announced_failure() -> tuple[str, int] | None:
 def finish() -> None:
     """Last thing before exiting under torchrun: count this process done; a process that announced a failure waits
     (a while) for every other to be done, so none is still running when it exits and torchrun stops the rest. A
-    process that stops on another's failure then ignores SIGTERM: it is exiting with that failure's code anyway."""
+    process that stops on another's failure then ignores SIGTERM, as the announcer does from its announcement on:
+    each is exiting with the failure's code anyway."""
     store = _state["store"]
     if store is None or not (_state["announced"] or _state["peer_failed"]):
         return

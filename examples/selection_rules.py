@@ -122,7 +122,10 @@ def measure(model, test, artifact) -> tuple[float, float]:
     return rows[0]["accuracy"], rows[1]["accuracy"]
 
 
-def main(case: str, methods: tuple[str, ...] = ("egem", "rgem", "rrr")) -> None:
+REPAIRS = ("egem", "rgem", "rrr")
+
+
+def main(case: str, methods: tuple[str, ...] = REPAIRS) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -149,5 +152,5 @@ def main(case: str, methods: tuple[str, ...] = ("egem", "rgem", "rrr")) -> None:
 
 
 if __name__ == "__main__":
-    chosen = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("egem", "rgem", "rrr")
+    chosen = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else REPAIRS
     main(sys.argv[1] if len(sys.argv) > 1 else "tagged-digits", chosen)

@@ -202,10 +202,8 @@ def worst_group(pred: Tensor, cf: Dataset) -> float:
 
 def group_score(pred: Tensor, cf) -> CounterfactualScore:
     """The counterfactual score of predictions `pred`: worst-group and mean-over-groups accuracy (groups present)."""
-    hits = (pred.cpu() == cf.y).double()
-    groups = cf.group
-    means = [float(hits[groups == g].mean()) for g in torch.unique(groups).tolist()]
-    return CounterfactualScore(min(means), sum(means) / len(means))
+    scores = metrics(pred, cf)
+    return CounterfactualScore(scores["worst_group_accuracy"], scores["macro_group_accuracy"])
 
 
 def _predictions(model: nn.Module, cf, batch_size: int) -> Tensor:

@@ -48,10 +48,11 @@ def choose_epochs(grid, accs, cf_scores, val_orig: float, slack: float, slack_mo
     index, rows = selection_table("epochs", grid, accs, val_orig, slack, slack_mode)
     if cf_scores is not None:
         index = select_counterfactual(cf_scores, accs, val_orig, slack, slack_mode)
-        for row, score in zip(rows, cf_scores):
-            row["cf_worst"] = score[0] if isinstance(score, tuple) else score
-            if isinstance(score, tuple):
-                row["cf_mean"] = score.mean
+        for row, score in zip(rows, cf_scores):  # a CounterfactualScore, or a plain worst-group float
+            worst, mean = score if isinstance(score, tuple) else (score, None)
+            row["cf_worst"] = worst
+            if mean is not None:
+                row["cf_mean"] = mean
     return index, rows
 
 
